@@ -359,6 +359,11 @@ def load_model(name: str, *, weights: str = "pretrained", dtype=None,
     torch_dtype = _resolve_dtype(dtype, device)
     revision = revision or spec.revision
     _check_remote_code(spec, revision, trust_remote_code)
+    if quantization is not None and (weights == "random" or spec.zoo):
+        _quantization_config(spec, quantization, torch_dtype)  # says why it cannot run here
+        raise ValueError(
+            "quantisation applies to pretrained hub weights; to size a quantised model use "
+            f"effarch.memory.estimate_weights_bytes({name!r}, quantization={quantization!r})")
     if weights == "random" or spec.zoo:
         return _load_local(spec, weights, torch_dtype, device, force)
     return _load_hub(spec, torch_dtype, quantization, device, device_map, revision,

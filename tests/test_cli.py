@@ -1,0 +1,36 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from effarch import __main__ as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_doctor_reports_offline_tiny_and_paths(monkeypatch, capsys):
+    monkeypatch.setenv("EFFARCH_PROFILE", "auto")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("EFFARCH_WEIGHTS", raising=False)
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "hub: offline" in out
+    assert "profile tiny" in out
+    assert "mamba paths:" in out and "sequential fallback" in out
+    assert "bitsandbytes usable:" in out
+    for name in ("mamba-2.8b", "phi-2", "tiny-moe"):
+        assert name in out
+
+
+def test_prefetch_dry_run_lists_full_profile():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "prefetch_models.py"), "--dry-run"],
+                       capture_output=True, text=True, check=True)
+    assert "state-spaces/mamba-2.8b-hf" in r.stdout and "microsoft/phi-2" in r.stdout
+
+
+def test_prefetch_offline_is_a_clear_error():
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "prefetch_models.py"),
+                        "mamba-130m"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "TROUBLESHOOTING.md" in r.stderr

@@ -1,0 +1,131 @@
+import time
+
+import pytest
+import torch
+
+from effarch import memory, models
+
+
+def test_unknown_name_lists_closest():
+    with pytest.raises(models.UnknownModelError) as e:
+        models.get_spec("mamba-2.7b")
+    msg = str(e.value)
+    assert "mamba-2.8b" in msg and "TROUBLESHOOTING.md" in msg
+
+
+def test_hub_id_maps_to_registry_and_unknown_hub_id_is_allowed():
+    assert models.get_spec("state-spaces/mamba-2.8b-hf").name == "mamba-2.8b"
+    spec = models.get_spec("someone/some-model")
+    assert spec.hub_id == "someone/some-model" and spec.role == "unknown"
+
+
+def test_roles_follow_profile(monkeypatch):
+    monkeypatch.setenv("EFFARCH_PROFILE", "tiny")
+    assert models.name_for("mamba") == "tiny-mamba"
+    monkeypatch.setenv("EFFARCH_PROFILE", "full")
+    assert models.name_for("moe") == "olmoe-1b-7b"
+    with pytest.raises(ValueError):
+        models.name_for("rnn")
+
+
+@pytest.mark.parametrize("offline_env", ["1", None])
+def test_offline_hub_id_fails_fast_with_advice(monkeypatch, tmp_path, offline_env):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    if offline_env:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        if models.hub_reachable():
+            pytest.skip("the hub is reachable from here: the offline path cannot be shown")
+    t = time.perf_counter()
+    with pytest.raises(models.ModelNotAvailableOffline) as e:
+        models.load_model("state-spaces/mamba-130m-hf", device="cpu")
+    assert time.perf_counter() - t < 2.0
+    msg = str(e.value)
+    assert "EFFARCH_PROFILE=tiny" in msg and "prefetch_models.py" in msg
+    assert "TROUBLESHOOTING.md" in msg
+
+
+def test_remote_code_needs_opt_in_and_pinned_revision():
+    with pytest.raises(models.RemoteCodeError, match="trust_remote_code=True"):
+        models.load_model("deepseek-moe-16b", device="cpu")
+    with pytest.raises(models.RemoteCodeError, match="pinned commit"):
+        models.load_model("deepseek-moe-16b", device="cpu", trust_remote_code=True)
+    with pytest.raises(models.RemoteCodeError, match="pinned commit"):
+        models.load_model("someone/custom", device="cpu", trust_remote_code=True,
+                          revision="main")
+
+
+def test_no_config_for_remote_code_model():
+    with pytest.raises(models.ModelError, match="remote code"):
+        models.get_config("deepseek-moe-16b")
+
+
+def test_random_weights_on_meta_cost_nothing():
+    lm = models.load_model("mixtral-8x7b", weights="random", device="meta", dtype="bfloat16")
+    assert lm.record.random_weights and lm.record.device == "meta"
+    assert abs(lm.record.parameters / 46.7e9 - 1) < 0.01
+    assert lm.record.parameter_bytes == memory.estimate_weights_bytes("mixtral-8x7b")
+
+
+def test_too_little_memory_refuses_unless_forced():
+    with pytest.raises(memory.InsufficientMemoryError, match="mixtral-8x7b"):
+        models.load_model("mixtral-8x7b", weights="random", device="cpu", dtype="bfloat16")
+
+
+def test_quantisation_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(models.QuantizationUnavailable, match="CUDA GPU"):
+        models.load_model("mamba-130m", weights="random", device="cpu", quantization="4bit")
+    with pytest.raises(ValueError, match="quantization must be"):
+        models._quantization_config(models.get_spec("mamba-130m"), "3bit", torch.float32)
+
+
+def test_zoo_missing_says_how_to_rebuild(monkeypatch, tmp_path):
+    (tmp_path / "data" / "zoo").mkdir(parents=True)
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.setenv("EFFARCH_ROOT", str(tmp_path))
+    with pytest.raises(models.ZooModelMissing, match="train_zoo.py"):
+        models.load_model("tiny-mamba", device="cpu")
+    d = tmp_path / "data" / "zoo" / "tiny-mamba"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(models.ZooModelMissing, match="not a weight file"):
+        models.load_model("tiny-mamba", device="cpu")
+
+
+def _fake_hub_cache(root, repo_id, model, tokenizer=None):
+    """Lay a saved model out as the hub cache does: refs/main → snapshots/<sha>/."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / sha
+    model.save_pretrained(snap, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    return sha
+
+
+def test_cached_hub_model_loads_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants as c
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(cfg).eval()
+    _fake_hub_cache(tmp_path, "org/tiny-llama", src)
+    assert models.is_cached("org/tiny-llama")
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: "tok")
+    lm = models.load_model("org/tiny-llama", device="cpu", dtype="float32")
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(lm.model(ids).logits, src(ids).logits)
+    assert lm.record.parameters == sum(p.numel() for p in src.parameters())
+    assert not lm.record.random_weights
