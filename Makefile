@@ -13,6 +13,7 @@ EXTRAS ?= dev,quant
 JOBS ?= 2
 CELL_TIMEOUT ?= 120
 PORT ?= 8888
+LAB_ARGS ?=
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.effarch-installed
@@ -30,7 +31,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=labs --port=$(PORT)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=labs --port=$(PORT) $(LAB_ARGS)
 
 # Unit tests and notebooks in one pytest run over both cores. Labs run as students get them,
 # solutions run strict (effarch.testing sets EFFARCH_STRICT per notebook); tiny profile forced.

@@ -1,0 +1,36 @@
+"""The documents the errors point to, and the generated tables, stay true."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = re.compile(r"(?:section|TROUBLE\}) '([^']+)'")
+
+
+def _referenced_sections() -> set[str]:
+    found = set()
+    for path in [*ROOT.joinpath("src").rglob("*.py"), *ROOT.joinpath("scripts").glob("*.py")]:
+        found |= set(SECTION.findall(path.read_text()))
+    return found
+
+
+def test_every_referenced_troubleshooting_section_exists():
+    headings = set(re.findall(r"^## (.+)$", (ROOT / "TROUBLESHOOTING.md").read_text(), re.M))
+    referenced = _referenced_sections()
+    assert referenced, "no references found: the pattern is broken"
+    assert referenced <= headings, referenced - headings
+
+
+def test_lab_prep_table_is_generated_and_current():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "lab_prep_tables.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_readme_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash", 1)[1].split("```", 1)[0]
+    cmds = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    assert cmds == ["make lab", "make test"]
