@@ -1,0 +1,229 @@
+"""scripts/build_labs.py: solution regions become stubs, labs are deterministic, --check works."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from effarch import checks
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SOLUTION = FIXTURES / "solutions" / "lab-2.4.9-fixture-solution.ipynb"
+LAB = "lab-2.4.9-fixture.ipynb"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("build_labs", ROOT / "scripts" / "build_labs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_labs = _load_script()
+STUB = build_labs.STUB
+
+
+def _solution() -> nbformat.NotebookNode:
+    return nbformat.read(SOLUTION, as_version=4)
+
+
+@pytest.fixture
+def lab() -> nbformat.NotebookNode:
+    return build_labs.build_lab(_solution(), f"solutions/{SOLUTION.name}")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, Path]:
+    solutions, labs = tmp_path / "solutions", tmp_path / "labs"
+    solutions.mkdir()
+    shutil.copy(SOLUTION, solutions / SOLUTION.name)
+    return solutions, labs
+
+
+def _cli(solutions: Path, labs: Path, *extra: str) -> int:
+    return build_labs.main(["--solutions", str(solutions), "--labs", str(labs), *extra])
+
+
+def _code(nb: nbformat.NotebookNode, needle: str) -> str:
+    (source,) = [c.source for c in nb.cells if c.cell_type == "code" and needle in c.source]
+    return source
+
+
+# ------------------------------------------------------------------------------ build_lab
+
+
+def test_region_in_function_becomes_stub(lab):
+    assert _code(lab, "def double") == (
+        'def double(x):\n    """Return twice ``x``."""\n    ' + STUB)
+
+
+def test_nested_regions_keep_their_indentation(lab):
+    source = _code(lab, "class Accumulator")
+    lines = source.split("\n")
+    assert " " * 16 + STUB in lines  # inside for / if inside a method
+    assert " " * 8 + STUB in lines  # directly in a method
+    assert "    def total(self, values):" in lines
+    assert '        """Sum of ``values``, skipping ``None``."""' in lines
+    assert "        return result" in lines  # code after END stays
+    assert "result += v" not in source and "SOLUTION" not in source
+    compile(source, "<lab cell>", "exec")
+
+
+def test_outputs_cleared_banner_and_kernelspec():
+    solution = _solution()
+    code = solution.cells[4]
+    code.outputs = [nbformat.v4.new_output("stream", text="8\n")]
+    code.execution_count = 7
+    code.metadata["execution"] = {"iopub.status.idle": "2025-01-01T00:00:00Z"}
+    solution.metadata["kernelspec"] = {"name": "myenv", "display_name": "My env"}
+    lab = build_labs.build_lab(solution, f"solutions/{SOLUTION.name}")
+    assert all(c.outputs == [] and c.execution_count is None
+               for c in lab.cells if c.cell_type == "code")
+    assert all("execution" not in c.metadata for c in lab.cells)
+    assert lab.metadata.kernelspec == {"name": "python3", "display_name": "Python 3 (ipykernel)",
+                                       "language": "python"}
+    banner = lab.cells[0]
+    assert banner.cell_type == "markdown"
+    assert f"Generated from `solutions/{SOLUTION.name}` by `scripts/build_labs.py`" in banner.source
+    assert "do not edit" in banner.source
+    assert code.outputs and code.execution_count == 7  # the source notebook is untouched
+
+
+def test_cell_ids_are_copied_and_banner_id_is_stable(lab):
+    assert [c.id for c in lab.cells[1:]] == [c.id for c in _solution().cells]
+    again = build_labs.build_lab(_solution(), f"solutions/{SOLUTION.name}")
+    assert lab.cells[0].id == again.cells[0].id
+    assert lab.cells[0].id != build_labs.build_lab(_solution(), "solutions/other.ipynb").cells[0].id
+
+
+def test_notebooks_without_ids_get_deterministic_ones():
+    solution = _solution()
+    solution.nbformat_minor = 4
+    for cell in solution.cells:
+        del cell["id"]
+    lab = build_labs.build_lab(solution, "solutions/old.ipynb")
+    nbformat.validate(lab)
+    assert lab.cells[1].id == "cell-0"
+
+
+@pytest.mark.parametrize(("fixture", "line", "words"), [
+    ("nested", 5, "nested '### BEGIN SOLUTION' (the region opened at line 3"),
+    ("unterminated", 3, "never closed"),
+    ("end-without-begin", 4, "'### END SOLUTION' without a '### BEGIN SOLUTION'"),
+    ("misspelled", 3, "looks like a solution marker"),
+    ("markdown", 3, "solution marker in a markdown cell"),
+    ("top-level", 2, "not inside a function"),
+])
+def test_malformed_markers_name_the_cell_and_line(fixture, line, words):
+    nb = nbformat.read(FIXTURES / "malformed" / f"{fixture}.ipynb", as_version=4)
+    with pytest.raises(build_labs.MarkerError) as info:
+        build_labs.build_lab(nb, f"solutions/{fixture}.ipynb")
+    message = str(info.value)
+    assert message.startswith(f"solutions/{fixture}.ipynb: cell 2 (id {fixture}-2) line {line}")
+    assert words in message
+
+
+def test_unsolved_lab_reports_skip_and_solution_passes_strict(lab, monkeypatch, capsys):
+    def run(nb):
+        namespace: dict = {}
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type == "code":
+                exec(compile(cell.source, f"<cell {i}>", "exec"), namespace)
+        return [r.status for r in checks.history()]
+
+    monkeypatch.delenv("EFFARCH_STRICT", raising=False)
+    assert run(lab) == ["skip", "skip", "skip"]
+    monkeypatch.setenv("EFFARCH_STRICT", "1")
+    assert run(_solution()) == ["pass", "pass", "pass"]
+    checks.reset()
+    assert "⏭" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- build_all and CLI
+
+
+def test_check_then_build_then_check(repo, capsys):
+    solutions, labs = repo
+    assert _cli(solutions, labs, "--check") == 1
+    assert f"missing: labs/{LAB}" in capsys.readouterr().out
+    assert not labs.exists()  # --check writes nothing
+    assert _cli(solutions, labs) == 0
+    assert f"wrote labs/{LAB}" in capsys.readouterr().out
+    assert _cli(solutions, labs, "--check") == 0
+    assert "1 lab(s) up to date" in capsys.readouterr().out
+
+
+def test_check_detects_a_stale_lab(repo, capsys):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+    solution = nbformat.read(solutions / SOLUTION.name, as_version=4)
+    solution.cells[2].source += "\n\nA new sentence."
+    nbformat.write(solution, solutions / SOLUTION.name)
+    assert build_labs.build_all(solutions, labs, check=True) == [
+        f"stale: labs/{LAB} differs from what its solution generates"]
+    assert _cli(solutions, labs, "--check") == 1
+    assert "not up to date" in capsys.readouterr().err
+    build_labs.build_all(solutions, labs)
+    assert build_labs.build_all(solutions, labs, check=True) == []
+
+
+def test_build_is_byte_identical_and_deterministic(repo):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+    first = (labs / LAB).read_bytes()
+    assert build_labs.build_all(solutions, labs) == []  # nothing to write the second time
+    assert (labs / LAB).read_bytes() == first
+    assert first.endswith(b"}\n") and b'\n "cells": [\n  {\n' in first  # nbformat's 1-space indent
+    assert nbformat.reads(first.decode(), as_version=4).metadata.kernelspec.name == "python3"
+
+
+def test_extra_labs(repo, capsys):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+    shutil.copy(labs / LAB, labs / "lab-2.4.8-gone.ipynb")  # generated, solution deleted
+    shutil.copy(SOLUTION, labs / "scratch.ipynb")  # not generated by the script
+    problems = build_labs.build_all(solutions, labs, check=True)
+    assert problems == ["extra: labs/lab-2.4.8-gone.ipynb has no solution notebook",
+                        "extra: labs/scratch.ipynb has no solution notebook"]
+    notes = build_labs.build_all(solutions, labs)
+    assert not (labs / "lab-2.4.8-gone.ipynb").exists()
+    assert (labs / "scratch.ipynb").exists()
+    assert any(n.startswith("left alone: labs/scratch.ipynb") for n in notes)
+
+
+def test_check_fails_when_a_solution_carries_outputs(repo):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+    solution = nbformat.read(solutions / SOLUTION.name, as_version=4)
+    solution.cells[4].outputs = [nbformat.v4.new_output("stream", text="8\n")]
+    nbformat.write(solution, solutions / SOLUTION.name)
+    problems = build_labs.build_all(solutions, labs, check=True)
+    assert problems == [f"solution carries outputs: solutions/{SOLUTION.name} (cells 4); "
+                        "clear them before committing"]
+
+
+def test_marker_error_writes_nothing(repo, capsys):
+    solutions, labs = repo
+    shutil.copy(FIXTURES / "malformed" / "nested.ipynb", solutions / "lab-2.4.0-bad-solution.ipynb")
+    assert _cli(solutions, labs) == 1
+    err = capsys.readouterr().err
+    assert "error: solutions/lab-2.4.0-bad-solution.ipynb: cell 2 (id nested-2) line 5" in err
+    assert not labs.exists()
+
+
+def test_no_solutions_is_fine(tmp_path, capsys):
+    (tmp_path / "solutions").mkdir()
+    assert _cli(tmp_path / "solutions", tmp_path / "labs") == 0
+    assert _cli(tmp_path / "solutions", tmp_path / "labs", "--check") == 0
+    assert "nothing to build" in capsys.readouterr().out
+
+
+def test_default_folders_are_the_repositorys():
+    assert build_labs.ROOT == ROOT
+    assert build_labs.lab_name("lab-2.4.1-mamba-inference-solution.ipynb") == \
+        "lab-2.4.1-mamba-inference.ipynb"
