@@ -1,0 +1,213 @@
+"""Context managers that record what a model computes inside; their hooks are always removed.
+
+SSM internals (``capture_ssm``): Δ, B, C and the state h of Mamba layers (Gu & Dao 2023,
+Algorithm 2), for transformers' ``MambaMixer`` and ``JambaMambaMixer``.
+
+Why recompute instead of hooking the scan: the mixers read ``dt_proj.weight`` and
+``conv1d.weight`` directly, so forward hooks on those submodules never fire, and the scan is a
+module-level function (mamba-ssm kernel, mambapy's pscan or a PyTorch loop, depending on what
+is installed) that we would have to monkey-patch. Instead a pre-hook on each mixer repeats its
+computation from its own weights and input with ``effarch.ssm`` (which keeps every state), and
+a forward hook compares the result with the mixer's real output: ``SSMTrace.max_abs_diff``
+says how far the recording is from what the model computed.
+
+Dimension letters as in ``effarch.ssm``: b batch, l length, d = d_inner channels, n state size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from .ssm import selective_scan_states
+
+__all__ = ["SSMCapture", "SSMTrace", "capture_ssm", "find_ssm_mixers", "recompute_mixer"]
+
+
+# ================================================================ SSM internals (Mamba, Jamba)
+@dataclass
+class SSMTrace:
+    """One Mamba layer in one forward pass; tensors detached, on CPU, float32."""
+
+    delta: torch.Tensor  # (b, d, l) Δ after dt_proj's bias and softplus
+    state: torch.Tensor  # (b, d, l, n) h_t after every step t (h_0 = 0 is not included)
+    B: torch.Tensor  # (b, n, l) input-dependent B_t (Jamba: after b_layernorm)
+    C: torch.Tensor  # (b, n, l) input-dependent C_t (Jamba: after c_layernorm)
+    u: torch.Tensor  # (b, d, l) the SSM's input x_t (after in_proj, conv1d and activation)
+    A: torch.Tensor  # (d, n) A = -exp(A_log)
+    output: torch.Tensor  # (b, l, hidden) the mixer's real output
+    max_abs_diff: float  # max |recomputed output - real output|
+
+    @property
+    def last_state(self) -> torch.Tensor:
+        """h_l, (b, d, n): what the cache holds after this prefill."""
+        return self.state[:, :, -1]
+
+
+class SSMCapture(dict):
+    """``{layer index: SSMTrace}``, filled while the model runs inside ``capture_ssm``.
+
+    ``skipped[layer]`` counts the calls that were not recorded (decode steps, later passes).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[int, int] = {}
+
+
+def _mixer_classes() -> tuple[type, ...]:
+    """The mixer classes we can recompute, imported lazily (a missing one is simply absent)."""
+    classes = []
+    with contextlib.suppress(ImportError):
+        from transformers.models.mamba.modeling_mamba import MambaMixer
+
+        classes.append(MambaMixer)
+    with contextlib.suppress(ImportError):
+        from transformers.models.jamba.modeling_jamba import JambaMambaMixer
+
+        classes.append(JambaMambaMixer)
+    return tuple(classes)
+
+
+def find_ssm_mixers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """``{layer index: mixer}`` for every Mamba mixer in ``model``, found by type."""
+    classes = _mixer_classes()
+    mixers = {m.layer_idx: m for m in model.modules() if classes and isinstance(m, classes)}
+    return dict(sorted(mixers.items()))
+
+
+def _mixer_inputs(args: tuple, kwargs: dict):
+    """(hidden_states, cache, attention_mask) whether passed by position or by name.
+
+    The cache keyword is ``cache_params`` in transformers <= 5.17 and ``cache`` later.
+    """
+    hidden = args[0] if args else kwargs["hidden_states"]
+    cache = args[1] if len(args) > 1 else kwargs.get("cache", kwargs.get("cache_params"))
+    mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+    return hidden, cache, mask
+
+
+def _has_previous_state(cache, layer_idx: int) -> bool:
+    """Whether the cache already holds this layer's SSM state (then the call is a decode step)."""
+    if cache is None:
+        return False
+    with contextlib.suppress(AttributeError, ValueError, IndexError, TypeError):
+        return bool(cache.has_previous_state(layer_idx))
+    get_state = getattr(cache, "get_recurrent_state", None)
+    return get_state is not None and get_state(layer_idx) is not None
+
+
+def _masked(x: torch.Tensor, attention_mask) -> torch.Tensor:
+    """Zero padded positions, as transformers' ``apply_mask_to_padding_states``; x: (b, l, ·)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return x
+    return (x * attention_mask[:, :, None]).to(x.dtype)
+
+
+@torch.no_grad()
+def recompute_mixer(mixer: torch.nn.Module, hidden_states: torch.Tensor, attention_mask=None):
+    """Repeat a Mamba mixer's prefill from its weights, keeping Δ, B, C and every state.
+
+    Follows ``MambaMixer.forward`` / ``JambaMambaMixer.forward`` (transformers 5) step by step.
+    Args:
+        hidden_states: (b, l, hidden), the mixer's input.
+    Returns:
+        (output (b, l, hidden) in the input's dtype, dict of u, delta, A, B, C, state).
+    """
+    dtype, seq_len = hidden_states.dtype, hidden_states.shape[1]
+    xz = mixer.in_proj(_masked(hidden_states, attention_mask)).transpose(1, 2)  # (b, 2d, l)
+    x, z = xz.chunk(2, dim=1)  # (b, d, l) each
+    conv = mixer.conv1d  # depthwise, causal: pad k-1 on both sides, keep the first l outputs
+    x = F.conv1d(x.to(conv.weight.dtype), conv.weight, conv.bias, padding=conv.kernel_size[0] - 1,
+                 groups=conv.groups)[..., :seq_len]
+    x = _masked(mixer.act(x).to(dtype).transpose(1, 2), attention_mask)  # (b, l, d)
+    r, n = mixer.time_step_rank, mixer.ssm_state_size
+    dt, B, C = torch.split(mixer.x_proj(x), [r, n, n], dim=-1)  # (b, l, r), (b, l, n), (b, l, n)
+    if hasattr(mixer, "dt_layernorm"):  # Jamba normalises Δ, B and C before using them
+        dt, B, C = mixer.dt_layernorm(dt), mixer.b_layernorm(B), mixer.c_layernorm(C)
+    if hasattr(mixer, "dt_layernorm") and hasattr(mixer.config, "_is_quantized"):
+        dt = (mixer.dt_proj(dt) - mixer.dt_proj.bias).transpose(1, 2)  # as Jamba does when quantised
+    else:
+        dt = mixer.dt_proj.weight @ dt.transpose(1, 2)  # (d, r) @ (b, r, l) -> (b, d, l)
+    A = -torch.exp(mixer.A_log.float())  # (d, n)
+    bias = mixer.dt_proj.bias.float() if mixer.dt_proj.bias is not None else None
+    u, B, C = x.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)  # (b, d, l), (b, n, l) x2
+    y, states, delta = selective_scan_states(u, dt, A, B, C, D=mixer.D.float(), z=z,
+                                             delta_bias=bias, delta_softplus=True)
+    out = mixer.out_proj(y.transpose(1, 2).to(dtype))  # (b, l, hidden)
+    return out, {"u": u, "delta": delta, "A": A, "B": B, "C": C, "state": states}
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32)
+
+
+def _before(capture: SSMCapture, pending: dict, layer: int, mixer, args, kwargs):
+    hidden, cache, mask = _mixer_inputs(args, kwargs)
+    if layer in capture or _has_previous_state(cache, layer):
+        capture.skipped[layer] = capture.skipped.get(layer, 0) + 1
+        return
+    try:
+        pending[layer] = recompute_mixer(mixer, hidden, mask)
+    except Exception as error:  # name the layer: the traceback alone points into transformers
+        raise RuntimeError(f"capture_ssm could not recompute Mamba layer {layer} "
+                           f"({type(mixer).__name__}): {error}") from error
+
+
+def _after(capture: SSMCapture, pending: dict, layer: int, mixer, args, kwargs, output):
+    if layer not in pending:
+        return
+    recomputed, parts = pending.pop(layer)
+    real = output[0] if isinstance(output, tuple) else output
+    diff = (recomputed.float() - real.detach().float()).abs().max().item()
+    capture[layer] = SSMTrace(output=_cpu(real), max_abs_diff=diff,
+                              **{k: _cpu(v) for k, v in parts.items()})
+
+
+@contextlib.contextmanager
+def capture_ssm(model: torch.nn.Module, layers=None):
+    """Record Δ, B, C and the state h of Mamba layers during one forward pass.
+
+    Works for ``MambaForCausalLM``/``MambaModel`` (any ``use_mambapy``) and the Mamba layers of
+    Jamba, with or without a cache, under ``torch.no_grad`` or not. The first prefill through
+    each layer is recorded; later calls (decode steps with a cache that already holds a state,
+    or a second forward pass) are counted in ``capture.skipped`` and not recorded.
+    The states take 4·b·d·l·n bytes per layer (mamba-130m, 2,048 tokens: 200 MB a layer); pass
+    ``layers`` to keep only some. ``max_abs_diff`` is ~1e-8 for float32 models and ~1e-3 for
+    bfloat16 ones (the projections round in bf16, the scan runs in float32).
+
+    Args:
+        model: any module containing ``MambaMixer`` or ``JambaMambaMixer`` modules.
+        layers: layer indices (the model's decoder-layer index, ``mixer.layer_idx``); None = all.
+    Yields:
+        an ``SSMCapture``, ``{layer index: SSMTrace}``, filled when the model runs.
+
+    Example::
+
+        with capture_ssm(model) as ssm:
+            model(input_ids)
+        ssm[0].delta  # (b, d, l)
+    """
+    mixers = find_ssm_mixers(model)
+    if not mixers:
+        raise ValueError("capture_ssm: no MambaMixer or JambaMambaMixer found in the model")
+    if layers is not None:
+        missing = sorted(set(layers) - set(mixers))
+        if missing:
+            raise ValueError(f"capture_ssm: layers {missing} are not Mamba layers; these are: {list(mixers)}")
+        mixers = {i: mixers[i] for i in layers}
+    capture, pending, handles = SSMCapture(), {}, []
+    try:
+        for layer, mixer in mixers.items():
+            handles.append(mixer.register_forward_pre_hook(
+                partial(_before, capture, pending, layer), with_kwargs=True))
+            handles.append(mixer.register_forward_hook(
+                partial(_after, capture, pending, layer), with_kwargs=True))
+        yield capture
+    finally:
+        for handle in handles:
+            handle.remove()
