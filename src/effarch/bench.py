@@ -1,0 +1,722 @@
+"""The measurement protocol: timing, prefill against decode, peak memory, perplexity, bits per byte.
+
+DESIGN.md, "Measurement protocol": warm up before timing; synchronise the device around every
+timed region; report the median and spread of several repeats; reset peak memory after the model
+is loaded; time to first token (prefill) and decode (generated tokens only) are separate figures;
+every result records the device, dtype, profile and which Mamba path ran.
+
+Letters in shape comments: b batch, l prompt length, n new tokens, V vocabulary, N text tokens.
+
+Generation here is our own greedy loop over the model's forward and its cache (``use_cache=True``),
+not timed ``generate()`` calls, so prefill and decode are separated exactly. It follows
+transformers' greedy search (``GenerationMixin._sample`` with ``do_sample=False``) and a test
+checks that it produces the same tokens as ``generate()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# The clock every timed region reads; a module attribute so that tests can substitute a fake one.
+_clock = time.perf_counter
+
+# transformers names the cache differently across versions: 5.17 returns and takes
+# `past_key_values` (attention models) or `cache_params` (Mamba); 5.24 `cache` for every model.
+CACHE_NAMES = ("past_key_values", "cache", "cache_params")
+
+MAMBA_PATHS = ("mamba-ssm kernels", "mambapy parallel scan", "sequential fallback",
+               "effarch fast path", "n/a")
+
+
+# --------------------------------------------------------------------------------------------
+# device: synchronisation and memory
+# --------------------------------------------------------------------------------------------
+
+def _device(device) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work: CUDA and MPS run asynchronously, the CPU does not."""
+    kind = _device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak: CUDA's allocator statistics; on other devices there is nothing to reset
+    (their "peak" is sampled, see `peak_memory_bytes`)."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def current_memory_bytes(device) -> int | None:
+    """Memory in use now: CUDA tensors allocated, MPS tensors allocated, or the process's resident
+    set size (RSS, via psutil) on the CPU; None when it cannot be read."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        return torch.cuda.memory_allocated(dev)
+    if dev.type == "mps":
+        return torch.mps.current_allocated_memory()
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+def peak_memory_bytes(device) -> int | None:
+    """The peak since `reset_peak_memory` on CUDA (``torch.cuda.max_memory_allocated``).
+
+    Elsewhere no resettable peak exists (``resource.getrusage``'s high-water mark never goes
+    down), so this returns the current reading; the harness samples it between steps, which
+    gives a lower bound on the true peak (activations inside a forward are missed) and, on the
+    CPU, counts RSS — every allocation of the process, including the allocator's free lists.
+    """
+    dev = _device(device)
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev)
+    return current_memory_bytes(dev)
+
+
+def memory_measure(device) -> str:
+    """What `peak_memory_bytes` measures on this device, for the record."""
+    return {"cuda": "cuda max_memory_allocated",
+            "mps": "mps allocated, sampled between steps"}.get(
+        _device(device).type, "process RSS, sampled between steps")
+
+
+class _MemoryMeter:
+    """Peak memory above the memory in use when the meter started."""
+
+    def __init__(self, device) -> None:
+        self.device = _device(device)
+        synchronize(self.device)
+        reset_peak_memory(self.device)
+        self.start = current_memory_bytes(self.device)
+        self.peak = self.start
+
+    def sample(self) -> None:
+        now = peak_memory_bytes(self.device)
+        if now is not None and self.peak is not None:
+            self.peak = max(self.peak, now)
+
+    def above_start(self) -> int | None:
+        self.sample()
+        return None if self.start is None else self.peak - self.start
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of several timed repeats: the median and the spread (min/max, quartiles, stdev)."""
+
+    median: float
+    min: float
+    max: float
+    q1: float
+    q3: float
+    stdev: float
+    samples: tuple[float, ...]
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[float]) -> Timing:
+        s = tuple(float(x) for x in samples)
+        if not s:
+            raise ValueError("no samples to summarise")
+        q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else s * 3
+        sd = statistics.stdev(s) if len(s) > 1 else 0.0
+        return cls(statistics.median(s), min(s), max(s), q1, q3, sd, s)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "iqr": self.iqr}
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
+            device=None) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` calls each synchronised on both
+    sides, so queued GPU work is neither counted for the next call nor left out of this one."""
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    if device is None:
+        from effarch.profile import default_device
+        device = default_device()
+    device = _device(device)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = _clock()
+        fn()
+        synchronize(device)
+        samples.append(_clock() - start)
+    return Timing.from_samples(samples)
+
+
+# --------------------------------------------------------------------------------------------
+# which Mamba path runs
+# --------------------------------------------------------------------------------------------
+
+def _is_mamba_mixer(module: torch.nn.Module) -> bool:
+    name = type(module).__name__
+    # BambaMixer / FalconH1Mixer carry no "Mamba" in their names but the SSM's A_log
+    return "Mixer" in name and ("Mamba" in name or hasattr(module, "A_log"))
+
+
+def mamba_mixers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's Mamba mixers (Mamba, FalconMamba, Mamba2, Jamba, Zamba, Bamba, …)."""
+    return [m for m in model.modules() if _is_mamba_mixer(m)]
+
+
+def _resolved_to_package(fn) -> bool | None:
+    """Did transformers' ``use_kernel_func_from_hub_with_fallback`` (5.x,
+    ``integrations/hub_kernels.py``) bind ``fn`` to the package's kernel (True) or to its
+    PyTorch reference (False)? None when ``fn`` is not such a wrapper."""
+    for _ in range(4):  # the hub decorator may wrap the fallback wrapper once more
+        code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+        if code is not None and cells and "is_new_implementation" in code.co_freevars:
+            return bool(cells[code.co_freevars.index("is_new_implementation")].cell_contents)
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return None
+    return None
+
+
+def _kernels_run(mixer: torch.nn.Module) -> bool:
+    """Whether the mixer's modeling module sends its scan to mamba-ssm's kernels."""
+    module = sys.modules.get(type(mixer).__module__)
+    legacy = getattr(module, "is_fast_path_available", None)  # transformers 4.x
+    if legacy is not None:
+        return bool(legacy) and mixer.in_proj.weight.device.type == "cuda"
+    for name in ("mamba_selective_scan", "mamba_chunk_scan_combined",
+                 "mamba_split_conv1d_scan_combined", "selective_scan_fn"):
+        resolved = _resolved_to_package(getattr(module, name, None))
+        if resolved is not None:
+            return resolved
+    return importlib.util.find_spec("mamba_ssm") is not None
+
+
+def _mambapy_available() -> bool:
+    try:
+        from transformers.utils.import_utils import is_mambapy_available
+    except ImportError:
+        return importlib.util.find_spec("mambapy") is not None
+    return bool(is_mambapy_available())
+
+
+def mamba_path(model: torch.nn.Module) -> str:
+    """Which Mamba path runs for this model, one of `MAMBA_PATHS`.
+
+    transformers 5 (``modeling_mamba.py``) binds each scan function once, at import, to
+    mamba-ssm's kernel when the package imports, whatever the device; otherwise to its PyTorch
+    reference, which runs mambapy's parallel scan (``pscan``) for a full sequence when
+    ``config.use_mambapy`` and mambapy is installed, and a Python loop over the sequence
+    otherwise. A decode step (one token) always uses the single-step state update.
+    """
+    if getattr(model, "_effarch_fast", False):  # set by effarch.fast
+        return "effarch fast path"
+    mixers = mamba_mixers(model)
+    if not mixers:
+        return "n/a"
+    mixer = mixers[0]
+    if _kernels_run(mixer) or getattr(model, "use_kernels", False) is True:
+        return "mamba-ssm kernels"
+    if getattr(mixer, "use_mambapy", False) and _mambapy_available():
+        return "mambapy parallel scan"
+    return "sequential fallback"
+
+
+def _version(package: str) -> str | bool:
+    if importlib.util.find_spec(package) is None:
+        return False
+    try:
+        from importlib.metadata import version
+        return version(package.replace("_", "-"))
+    except Exception:  # importable but not installed as a distribution (e.g. from a path)
+        return True
+
+
+def available_mamba_paths() -> dict[str, bool | str]:
+    """Which Mamba paths this environment can run, with the packages' versions (for
+    ``python -m effarch doctor``). Imports none of the kernel packages."""
+    cuda = torch.cuda.is_available()
+    mamba_ssm, conv = _version("mamba_ssm"), _version("causal_conv1d")
+    return {
+        "cuda": cuda,
+        "mamba_ssm": mamba_ssm,
+        "causal_conv1d": conv,
+        "mambapy": _version("mambapy"),
+        "mamba-ssm kernels": bool(mamba_ssm) and cuda,
+        "mambapy parallel scan": _mambapy_available(),
+        "sequential fallback": True,
+        "effarch fast path": importlib.util.find_spec("effarch.fast") is not None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# greedy prefill and decode over the model's cache
+# --------------------------------------------------------------------------------------------
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module):
+    """``eval()`` (no dropout; Mamba's training path differs) and no autograd, then restore."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class DecodeState:
+    """What a decode step needs: the cache under the name this model's forward uses for it, and
+    the attention mask and positions when the caller passed a mask (padded batches)."""
+
+    cache_name: str
+    cache: object
+    past_length: int
+    pass_cache_position: bool  # transformers 4.x Mamba tells decode from prefill by it
+    attention_mask: torch.Tensor | None  # (b, l + steps so far) or None
+    position_ids: torch.Tensor | None  # (b, 1): the last position used, or None
+
+
+def _forward_params(model: torch.nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _find_cache(out, params: set[str]) -> tuple[str, object]:
+    """The cache in ``out`` and the keyword the forward takes it by: the name in the forward's
+    signature (5.24 still answers to the old names, with a deprecation warning), else the
+    name the output carries it under."""
+    names = [n for n in CACHE_NAMES if n in params] + list(CACHE_NAMES)
+    for name in names:
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return name, cache
+    raise ValueError(f"the model returned no cache (looked for {', '.join(CACHE_NAMES)}); "
+                     "measure_generation needs a model that supports use_cache=True")
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            params: set[str] | None = None) -> tuple[torch.Tensor, DecodeState]:
+    """One forward over the prompt ``input_ids`` (b, l): the first generated token (b, 1) and
+    the state to decode from. Call under ``torch.no_grad()``. ``params``, the forward's
+    parameter names, can be passed in to keep reading the signature out of a timed region."""
+    params = _forward_params(model) if params is None else params
+    kwargs = {"use_cache": True}
+    if "logits_to_keep" in params:  # as generate() does: only the last position's logits
+        kwargs["logits_to_keep"] = 1
+    position_ids = None
+    if attention_mask is not None and "position_ids" in params:  # left padding, as generate()
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        kwargs["position_ids"] = position_ids
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    out = model(input_ids=input_ids, **kwargs)
+    name, cache = _find_cache(out, params)
+    # generate() drops the mask on Mamba's decode steps; attention models need it extended
+    keep_mask = position_ids is not None
+    state = DecodeState(name, cache, input_ids.shape[1], "cache_position" in params,
+                        attention_mask if keep_mask else None,
+                        position_ids[:, -1:] if keep_mask else None)
+    return out.logits[:, -1, :].argmax(dim=-1, keepdim=True), state  # (b, 1)
+
+
+def decode_step(model, state: DecodeState, token: torch.Tensor) -> torch.Tensor:
+    """Feed the last token (b, 1), update ``state`` in place, return the next token (b, 1)."""
+    kwargs = {"use_cache": True, state.cache_name: state.cache}
+    if state.pass_cache_position:
+        kwargs["cache_position"] = torch.tensor([state.past_length], device=token.device)
+    if state.attention_mask is not None:
+        ones = state.attention_mask.new_ones((token.shape[0], 1))
+        state.attention_mask = torch.cat([state.attention_mask, ones], dim=-1)
+        state.position_ids = state.position_ids + 1
+        kwargs.update(attention_mask=state.attention_mask, position_ids=state.position_ids)
+    out = model(input_ids=token, **kwargs)
+    cache = getattr(out, state.cache_name, None)
+    state.cache = state.cache if cache is None else cache
+    state.past_length += 1
+    return out.logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (b, 1)
+
+
+def greedy_decode(model, input_ids: torch.Tensor, new_tokens: int = 32,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy continuation of ``input_ids`` (b, l): the ``new_tokens`` generated tokens (b, n),
+    with no stop at end-of-sequence. Matches ``generate(do_sample=False)``."""
+    device = _model_device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    with _inference(model):
+        token, state = prefill(model, input_ids, attention_mask)
+        tokens = [token]
+        for _ in range(new_tokens - 1):
+            token = decode_step(model, state, token)
+            tokens.append(token)
+    return torch.cat(tokens, dim=-1)
+
+
+def _timed_generation(model, input_ids, attention_mask, new_tokens, device, sync_every_token,
+                      params):
+    """One prefill and ``new_tokens - 1`` decode steps: (ttft s, decode s, per-step s)."""
+    synchronize(device)
+    start = _clock()
+    token, state = prefill(model, input_ids, attention_mask, params)
+    synchronize(device)
+    decode_start = _clock()
+    steps, last = [], decode_start
+    for _ in range(new_tokens - 1):
+        token = decode_step(model, state, token)
+        if sync_every_token:
+            synchronize(device)
+            now = _clock()
+            steps.append(now - last)
+            last = now
+    synchronize(device)
+    end = _clock()
+    decode_s = end - decode_start
+    if not sync_every_token:
+        steps = [decode_s / (new_tokens - 1)] * (new_tokens - 1)
+    return decode_start - start, decode_s, steps
+
+
+# --------------------------------------------------------------------------------------------
+# generation results
+# --------------------------------------------------------------------------------------------
+
+class _Result:
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult(_Result):
+    """Prefill and decode figures of one model on one prompt shape, with the run's record.
+
+    ``decode_tokens_per_s`` counts generated tokens after the first, b·(n − 1), over decode time
+    only; the first token comes from the prefill and is in ``ttft_s``.
+    """
+
+    label: str | None
+    model_class: str
+    device: str
+    dtype: str
+    profile: str
+    mamba_path: str
+    batch_size: int
+    prompt_length: int
+    new_tokens: int
+    ttft_s: float  # median time to first token (prefill)
+    ttft_min_s: float
+    ttft_max_s: float
+    prefill_tokens_per_s: float  # b·l / ttft
+    decode_s: float  # median decode time for the n − 1 tokens after the first
+    decode_min_s: float
+    decode_max_s: float
+    decode_tokens_per_s: float  # b·(n − 1) / decode_s
+    decode_ms_per_token: float  # median latency of one decode step
+    decode_ms_per_token_iqr: float
+    peak_memory_bytes: int | None  # above the memory in use when the measurement began
+    memory_measure: str
+    warmup: int
+    repeats: int
+    torch_version: str
+    transformers_version: str
+
+
+def _profile_name() -> str:
+    try:
+        from effarch.profile import get_profile
+        return get_profile().name
+    except Exception as exc:  # a record should still be written; say why the name is missing
+        return f"unknown ({type(exc).__name__})"
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+        return transformers.__version__
+    except ImportError:
+        return "not installed"
+
+
+def _record(model, device, label) -> dict:
+    return {"label": label, "model_class": type(model).__name__, "device": str(device),
+            "dtype": str(_model_dtype(model)).removeprefix("torch."),
+            "profile": _profile_name(), "mamba_path": mamba_path(model),
+            "torch_version": torch.__version__,
+            "transformers_version": _transformers_version()}
+
+
+def measure_generation(model, input_ids: torch.Tensor, *, new_tokens: int = 32,
+                       warmup: int = 1, repeats: int = 3,
+                       attention_mask: torch.Tensor | None = None, label: str | None = None,
+                       sync_every_token: bool = True) -> GenerationResult:
+    """Time greedy generation of ``new_tokens`` from ``input_ids`` (b, l): prefill (time to first
+    token) and decode (the tokens after the first) separately; ``warmup`` untimed runs, then
+    the median and spread of ``repeats``. Peak memory is counted from the call's start: load the
+    model first. ``sync_every_token=False`` times the decode loop as a whole (the per-token
+    latency is then its mean), letting the CPU queue steps ahead as an unsynchronised loop does.
+    """
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2: the first token comes from the prefill")
+    device = _model_device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    params = _forward_params(model)
+    meter = _MemoryMeter(device)
+    runs = []
+    with _inference(model):
+        for i in range(warmup + repeats):
+            run = _timed_generation(model, input_ids, attention_mask, new_tokens, device,
+                                    sync_every_token, params)
+            meter.sample()
+            if i >= warmup:
+                runs.append(run)
+    return _generation_result(model, input_ids, new_tokens, runs, meter, warmup, label)
+
+
+def _generation_result(model, input_ids, new_tokens, runs, meter, warmup, label):
+    b, length = input_ids.shape
+    ttft = Timing.from_samples([r[0] for r in runs])
+    decode = Timing.from_samples([r[1] for r in runs])
+    steps = Timing.from_samples([s for r in runs for s in r[2]])
+    return GenerationResult(
+        batch_size=b, prompt_length=length, new_tokens=new_tokens,
+        ttft_s=ttft.median, ttft_min_s=ttft.min, ttft_max_s=ttft.max,
+        prefill_tokens_per_s=b * length / ttft.median,
+        decode_s=decode.median, decode_min_s=decode.min, decode_max_s=decode.max,
+        decode_tokens_per_s=b * (new_tokens - 1) / decode.median,
+        decode_ms_per_token=steps.median * 1e3, decode_ms_per_token_iqr=steps.iqr * 1e3,
+        peak_memory_bytes=meter.above_start(), memory_measure=memory_measure(meter.device),
+        warmup=warmup, repeats=len(runs), **_record(model, meter.device, label))
+
+
+def results_frame(results: Sequence) -> pd.DataFrame:
+    """One row per result (anything with ``.to_dict()``, or a dict)."""
+    import pandas as pd
+
+    return pd.DataFrame([r if isinstance(r, dict) else r.to_dict() for r in results])
+
+
+# --------------------------------------------------------------------------------------------
+# context sweep
+# --------------------------------------------------------------------------------------------
+
+def position_limit(model) -> int | None:
+    """The longest sequence the model's positions allow (``config.max_position_embeddings``),
+    or None for models without one (Mamba)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def random_input_ids(vocab_size: int, length: int, *, batch_size: int = 1,
+                     seed: int = 0) -> torch.Tensor:
+    """Reproducible random token ids (b, l): the prompt of a speed measurement."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch_size, length), generator=gen)
+
+
+def _text_input_maker(tokenizer, text: str, batch_size: int) -> Callable[[int], torch.Tensor]:
+    ids = torch.as_tensor(tokenizer(text)["input_ids"]).flatten()  # (N,)
+    if ids.numel() == 0:
+        raise ValueError("the text has no tokens")
+
+    def make(length: int) -> torch.Tensor:  # the text's tokens, repeated when it is too short
+        reps = math.ceil(length / ids.numel())
+        return ids.repeat(reps)[:length].expand(batch_size, length).clone()  # (b, l)
+    return make
+
+
+def _input_maker(model, make_input_ids, tokenizer, text, batch_size):
+    if make_input_ids is not None:
+        return make_input_ids
+    if tokenizer is not None and text is not None:
+        return _text_input_maker(tokenizer, text, batch_size)
+    vocab = model.config.vocab_size
+    return lambda length: random_input_ids(vocab, length, batch_size=batch_size)
+
+
+def _skip_reason(length: int, new_tokens: int, limit: int | None) -> str | None:
+    if limit is not None and length + new_tokens > limit:
+        return (f"prompt {length} + {new_tokens} new tokens exceeds "
+                f"max_position_embeddings={limit}")
+    return None
+
+
+_OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+
+
+def context_sweep(model, make_input_ids: Callable[[int], torch.Tensor] | None = None,
+                  lengths: Sequence[int] = (), *, tokenizer=None, text: str | None = None,
+                  new_tokens: int = 32, batch_size: int = 1, progress: bool = True,
+                  **kw) -> pd.DataFrame:
+    """`measure_generation` at each prompt length: one row per length, with a ``skipped``
+    reason instead of figures for a length past the model's position limit or out of memory.
+
+    Prompts come from ``make_input_ids(length) -> (b, l)``, else from ``tokenizer`` and
+    ``text`` (its tokens, repeated when too short), else random ids. ``kw`` goes to
+    `measure_generation`.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    make = _input_maker(model, make_input_ids, tokenizer, text, batch_size)
+    limit = position_limit(model)
+    rows = []
+    for length in tqdm(list(lengths), desc="context sweep", disable=not progress):
+        reason = _skip_reason(length, new_tokens, limit)
+        if reason is None:
+            try:
+                res = measure_generation(model, make(length), new_tokens=new_tokens, **kw)
+                rows.append({**res.to_dict(), "skipped": None})
+                continue
+            except _OOM_ERRORS as exc:
+                reason = f"out of memory ({type(exc).__name__})"
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        rows.append({**_record(model, _model_device(model), kw.get("label")),
+                     "batch_size": batch_size, "prompt_length": length,
+                     "new_tokens": new_tokens, "skipped": reason})
+    columns = [f.name for f in fields(GenerationResult)] + ["skipped"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# --------------------------------------------------------------------------------------------
+# perplexity and bits per byte
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class PerplexityResult(_Result):
+    """Mean negative log-likelihood of the scored tokens, in nats, and what follows from it."""
+
+    nll_per_token: float
+    perplexity: float
+    bits_per_token: float
+    tokens_scored: int
+    windows: int
+    max_length: int
+    stride: int
+    label: str | None
+    model_class: str
+    device: str
+    dtype: str
+    profile: str
+    mamba_path: str
+    n_bytes: int | None = None
+    bits_per_byte: float | None = None
+    torch_version: str = ""
+    transformers_version: str = ""
+
+
+def _window_nll(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL (nats) and count of the window's scored tokens. ids, labels: (1, w).
+
+    The logits at position t predict token t + 1, so labels shift by one as in transformers'
+    ``ForCausalLMLoss``; computed here (float32) rather than read from ``out.loss``, which for
+    MoE models can include the router's auxiliary loss."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :]  # (1, w-1, V)
+    target = labels[:, 1:]  # (1, w-1)
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+        ignore_index=-100, reduction="sum")
+    return float(nll), int((target != -100).sum())
+
+
+def sliding_window_perplexity(model, input_ids: torch.Tensor, *, max_length: int, stride: int,
+                              device=None, progress: bool = False,
+                              label: str | None = None) -> PerplexityResult:
+    """Perplexity of ``input_ids`` (1, N) with windows of ``max_length`` tokens moving by
+    ``stride`` — the method of the transformers guide "Perplexity of fixed-length models".
+
+    The overlap with the previous window is context only (labels -100), so each token is scored
+    once: N − 1 tokens when ``stride < max_length`` (the first token has no context); with
+    ``stride == max_length`` (plain chunks) each chunk's first token goes unscored. The mean is
+    weighted by the exact number of tokens each window scored.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be (1, N), got {tuple(input_ids.shape)}")
+    if not 0 < stride <= max_length:
+        raise ValueError(f"need 0 < stride <= max_length, got stride={stride}, "
+                         f"max_length={max_length}")
+    from tqdm.auto import tqdm
+
+    device = _device(device) if device is not None else _model_device(model)
+    n = input_ids.shape[1]
+    nll_sum, scored, windows, prev_end = 0.0, 0, 0, 0
+    with _inference(model):
+        for begin in tqdm(range(0, n, stride), desc="perplexity", disable=not progress):
+            end = min(begin + max_length, n)
+            ids = input_ids[:, begin:end].to(device)  # (1, w)
+            labels = ids.clone()
+            labels[:, : ids.shape[1] - (end - prev_end)] = -100  # context already scored
+            window_nll, window_count = _window_nll(model, ids, labels)
+            nll_sum, scored, windows, prev_end = (nll_sum + window_nll, scored + window_count,
+                                                  windows + 1, end)
+            if end == n:
+                break
+    return _perplexity_result(model, device, nll_sum, scored, windows, max_length, stride, label)
+
+
+def _perplexity_result(model, device, nll_sum, scored, windows, max_length, stride, label):
+    if scored == 0:
+        raise ValueError("no token was scored: the text needs at least two tokens")
+    nll = nll_sum / scored
+    return PerplexityResult(nll_per_token=nll, perplexity=math.exp(nll),
+                            bits_per_token=nll / math.log(2), tokens_scored=scored,
+                            windows=windows, max_length=max_length, stride=stride,
+                            **_record(model, device, label))
+
+
+def bits_per_byte(nll_nats_per_token: float, n_tokens: int, n_bytes: int) -> float:
+    """Total NLL in bits over the text's UTF-8 bytes: nll · tokens / ln 2 / bytes — comparable
+    across tokenizers (and with compressors: ``xz`` reaches about 1.7 on Python source)."""
+    if n_bytes <= 0:
+        raise ValueError("n_bytes must be positive")
+    return nll_nats_per_token * n_tokens / math.log(2) / n_bytes
+
+
+def evaluate_text(model, tokenizer, text: str, max_length: int, stride: int,
+                  **kw) -> PerplexityResult:
+    """`sliding_window_perplexity` of ``text`` plus its bits per byte, with bytes =
+    ``len(text.encode("utf-8"))``. The first token, never scored, counts in the bytes: on a
+    text of thousands of tokens the difference is negligible. ``kw`` goes to
+    `sliding_window_perplexity`."""
+    ids = torch.as_tensor(tokenizer(text)["input_ids"]).reshape(1, -1)  # (1, N)
+    res = sliding_window_perplexity(model, ids, max_length=max_length, stride=stride, **kw)
+    res.n_bytes = len(text.encode("utf-8"))
+    res.bits_per_byte = bits_per_byte(res.nll_per_token, res.tokens_scored, res.n_bytes)
+    return res
