@@ -1,0 +1,314 @@
+"""Portable fast Mamba: a fused selective scan and a graph-captured decoder, pip-installable.
+
+Without mamba-ssm's compiled kernels (none exist for aarch64 / DGX Spark), transformers runs
+Mamba's scan as a Python loop over the sequence that also materialises (b, d, l, n) float32
+tensors. This module gives the same function, ``selective_scan`` (mamba-ssm's signature, see
+``effarch.ssm.selective_scan_ref``, the reference it is tested against), three ways:
+
+- ``triton``: a Triton kernel, one program per (batch, block of channels), walking the sequence
+  in tiles and scanning each tile with the associative operator (a1, b1)∘(a2, b2) =
+  (a1·a2, a2·b1 + b2) (Blelloch 1990; the Mamba paper §3.3 uses the same operator). Nothing of
+  size (b, d, l, n) ever reaches memory. Forward only: with gradients it falls back.
+- ``chunked``: PyTorch, any device: Ā and B̄u are computed for a tile of time steps at once,
+  then one fused multiply-add per step, and the readout y = C·h one tile at a time. Gradients
+  flow through it.
+- ``reference``: ``effarch.ssm.selective_scan_ref``.
+
+``MambaFastGenerator`` runs an unmodified transformers ``MambaForCausalLM`` with its own weights:
+prefill with ``selective_scan``, then decoding one token at a time on static state tensors,
+captured in a CUDA graph on GPUs. It reads the weights only; it patches nothing in transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from effarch.ssm import selective_scan_ref
+
+BACKENDS = ("auto", "triton", "chunked", "reference")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when Triton imports (its kernels then run on CUDA, or anywhere in interpreter mode)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose_backend(u: torch.Tensor, needs_grad: bool = False) -> str:
+    """The best backend for this tensor: Triton on CUDA for inference, else the chunked scan."""
+    if needs_grad:
+        return "chunked"
+    if triton_available() and (u.is_cuda or _interpreting()):
+        return "triton"
+    return "chunked"
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, *, backend: str = "auto"):
+    """mamba-ssm's ``selective_scan_fn``: u, delta, z (b, d, l); A (d, n); B, C (b, n, l).
+
+    Returns out (b, d, l) in u's dtype, and the last state (b, d, n) float32 if asked.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+    if backend == "auto":
+        backend = choose_backend(u, needs_grad)
+    if backend == "triton" and B.dim() != 3:
+        backend = "chunked"
+    fn = {"triton": selective_scan_triton, "chunked": selective_scan_chunked,
+          "reference": selective_scan_ref}[backend]
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# --- the chunked PyTorch scan ----------------------------------------------------------------
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=False, return_last_state=False, chunk: int = 128):
+    """Scan in tiles of ``chunk`` steps: vectorised discretisation and readout, one FMA a step.
+
+    Memory beyond the inputs: two (chunk, b, d, n) float32 tiles.
+    """
+    b, d, length = u.shape
+    n = A.shape[-1]
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    dt_t = dt.permute(2, 0, 1)                               # (l, b, d)
+    dtu_t = (dt * u.float()).permute(2, 0, 1)                # (l, b, d)
+    B_t = B.float().permute(2, 0, 1)                         # (l, b, n)
+    C_t = C.float().permute(2, 0, 1)                         # (l, b, n)
+    A = A.float()
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
+    h = u.new_zeros((b, d, n), dtype=torch.float32)
+    ys = []
+    tile = None if grad else u.new_empty((chunk, b, d, n), dtype=torch.float32)
+    for s in range(0, length, chunk):
+        e = min(s + chunk, length)
+        dA = torch.exp(dt_t[s:e, :, :, None] * A)            # (m, b, d, n)
+        dBu = dtu_t[s:e, :, :, None] * B_t[s:e, :, None, :]  # (m, b, d, n)
+        if grad:  # autograd cannot record writes into a preallocated tile
+            states = []
+            for t in range(e - s):
+                h = torch.addcmul(dBu[t], dA[t], h)
+                states.append(h)
+            hs = torch.stack(states)
+        else:
+            for t in range(e - s):
+                h = torch.addcmul(dBu[t], dA[t], h, out=tile[t])
+            hs = tile[: e - s]
+            h = h.clone()
+        ys.append(torch.einsum("mbdn,mbn->bdm", hs, C_t[s:e]))
+    out = _readout(torch.cat(ys, dim=-1), u, D, z)
+    return (out, h) if return_last_state else out
+
+
+def _readout(y, u, D, z):
+    """y + D·u, gated by silu(z) (Mamba block, Fig. 3), cast to u's dtype."""
+    if D is not None:
+        y = y + D.float()[:, None] * u.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(u.dtype)
+
+
+# --- the Triton scan -------------------------------------------------------------------------
+
+
+def _triton_kernel():
+    """The kernel, imported on first use: importing this module never needs Triton."""
+    from effarch._triton_scan import selective_scan_kernel
+
+    return selective_scan_kernel
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, return_last_state=False, *, block_d: int = 8,
+                          block_l: int = 32, num_warps: int = 4):
+    """The Triton scan (forward only). B and C must be (b, n, l)."""
+    if not triton_available():
+        raise RuntimeError("Triton is not installed; use backend='chunked'. "
+                           "See TROUBLESHOOTING.md, section 'Mamba is slow'.")
+    b, d, length = u.shape
+    n = A.shape[-1]
+    out = torch.empty_like(u)
+    last = u.new_empty((b, d, n), dtype=torch.float32) if return_last_state else out
+    dummy = u  # unused pointer arguments still need a tensor
+    zz = z if z is not None else dummy
+    grid = (b, -(-d // block_d))
+    _triton_kernel()[grid](
+        u, delta, A, B, C, D if D is not None else dummy, zz,
+        delta_bias if delta_bias is not None else dummy, out, last, length, d, n,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(),
+        *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
+        BLOCK_D=block_d, BLOCK_N=_next_pow2(n), BLOCK_L=block_l, num_warps=num_warps)
+    return (out, last) if return_last_state else out
+
+
+# --- fast generation over an unmodified transformers Mamba -----------------------------------
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """MambaRMSNorm as transformers computes it: float32 statistics, weight in its own dtype."""
+    xf = x.to(weight.dtype).float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(weight.dtype)
+
+
+class MambaFastGenerator:
+    """Greedy generation for a transformers ``MambaForCausalLM``, reading only its weights.
+
+    Prefill runs every layer over the prompt with :func:`selective_scan`; decoding keeps each
+    layer's conv state (b, d, k) and SSM state (b, d, n, float32) in static tensors and, on CUDA,
+    replays one captured CUDA graph per token (``use_graph=False`` runs the same step eagerly).
+    """
+
+    def __init__(self, model, *, use_graph: bool | None = None, backend: str = "auto"):
+        cfg = model.config
+        if getattr(cfg, "model_type", "") not in ("mamba", "falcon_mamba"):
+            raise TypeError(f"MambaFastGenerator needs a MambaForCausalLM, got {type(model)}")
+        self.model, self.cfg, self.backend = model, cfg, backend
+        self.layers = [blk for blk in model.backbone.layers]
+        first = self.layers[0].mixer
+        self.device, self.dtype = first.in_proj.weight.device, first.in_proj.weight.dtype
+        self.d_inner, self.n = first.A_log.shape
+        self.k = first.conv1d.weight.shape[-1]
+        self.rank = first.dt_proj.weight.shape[1]
+        self.eps = cfg.layer_norm_epsilon
+        self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        self._A = [-torch.exp(blk.mixer.A_log.float()) for blk in self.layers]
+        self._batch = None
+        self._graph = None
+
+    @property
+    def path(self) -> str:
+        step = "CUDA graph" if self.use_graph else "eager"
+        scan = self.backend if self.backend != "auto" else (
+            "triton" if self.device.type == "cuda" and triton_available() else "chunked")
+        return f"effarch fast path ({scan} scan prefill, {step} decode)"
+
+    def _allocate(self, batch: int) -> None:
+        n_layers, dev = len(self.layers), self.device
+        self.conv = torch.zeros(n_layers, batch, self.d_inner, self.k, device=dev, dtype=self.dtype)
+        self.ssm = torch.zeros(n_layers, batch, self.d_inner, self.n, device=dev,
+                               dtype=torch.float32)
+        self.token = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.logits = None
+        self._batch, self._graph = batch, None
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (b, l); fill the states; return the last position's logits (b, V)."""
+        b, length = input_ids.shape
+        if self._batch != b:
+            self._allocate(b)
+        h = self.model.backbone.embeddings(input_ids.to(self.device))     # (b, l, H)
+        for i, blk in enumerate(self.layers):
+            x = _rms_norm(h, blk.norm.weight, self.eps)
+            res = h.float() if self.cfg.residual_in_fp32 else h
+            h = res + self._mixer_prefill(i, blk.mixer, x, length)
+        h = _rms_norm(h[:, -1], self.model.backbone.norm_f.weight, self.eps)
+        return self.model.lm_head(h.to(self.dtype)).float()
+
+    def _mixer_prefill(self, i: int, mx, x: torch.Tensor, length: int) -> torch.Tensor:
+        xz = mx.in_proj(x).transpose(1, 2)                                 # (b, 2d, l)
+        xs, z = xz.chunk(2, dim=1)
+        self.conv[i].copy_(F.pad(xs, (self.k - length, 0)) if length < self.k
+                           else xs[..., -self.k:])
+        xs = F.silu(F.conv1d(xs, mx.conv1d.weight, mx.conv1d.bias, padding=self.k - 1,
+                             groups=self.d_inner)[..., :length])           # (b, d, l)
+        dbc = mx.x_proj(xs.transpose(1, 2))                                # (b, l, r + 2n)
+        dt, B, C = torch.split(dbc, [self.rank, self.n, self.n], dim=-1)
+        dt = mx.dt_proj.weight @ dt.transpose(1, 2)                        # (b, d, l)
+        y, last = selective_scan(xs, dt, self._A[i], B.transpose(1, 2), C.transpose(1, 2),
+                                 mx.D.float(), z, mx.dt_proj.bias.float(), True, True,
+                                 backend=self.backend)
+        self.ssm[i].copy_(last)
+        return mx.out_proj(y.transpose(1, 2).to(self.dtype))
+
+    def _step(self) -> torch.Tensor:
+        """One token for every row: reads self.token, updates the states in place."""
+        h = self.model.backbone.embeddings(self.token)                      # (b, H)
+        for i, blk in enumerate(self.layers):
+            mx = blk.mixer
+            x = _rms_norm(h, blk.norm.weight, self.eps)
+            xs, z = mx.in_proj(x).chunk(2, dim=-1)                          # (b, d) each
+            conv = self.conv[i]
+            conv.copy_(torch.cat([conv[..., 1:], xs[..., None]], dim=-1))
+            xs = (conv * mx.conv1d.weight[:, 0]).sum(-1)
+            if mx.conv1d.bias is not None:
+                xs = xs + mx.conv1d.bias
+            xs = F.silu(xs)
+            dt, B, C = torch.split(mx.x_proj(xs), [self.rank, self.n, self.n], dim=-1)
+            dt = F.softplus(mx.dt_proj(dt).float())                         # (b, d)
+            state = self.ssm[i]
+            state.mul_(torch.exp(dt[..., None] * self._A[i]))
+            state.add_((dt * xs.float())[..., None] * B.float()[:, None, :])
+            y = (state @ C.float()[..., None])[..., 0] + mx.D.float() * xs.float()
+            y = (y * F.silu(z.float())).to(self.dtype)
+            res = h.float() if self.cfg.residual_in_fp32 else h
+            h = res + mx.out_proj(y)
+        h = _rms_norm(h, self.model.backbone.norm_f.weight, self.eps)
+        return self.model.lm_head(h.to(self.dtype)).float()
+
+    def _capture(self) -> None:
+        saved = (self.conv.clone(), self.ssm.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up (allocator, cuBLAS handles) outside the graph
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self.logits = self._step()
+        self.conv.copy_(saved[0])
+        self.ssm.copy_(saved[1])
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (b,), return the next logits (b, V)."""
+        self.token.copy_(token.view(-1))
+        if not self.use_graph:
+            return self._step()
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        return self.logits
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: the prompt followed by ``max_new_tokens`` tokens, (b, l + new)."""
+        logits = self.prefill(input_ids)
+        out = [input_ids.to(self.device)]
+        for i in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            out.append(nxt[:, None].clone())
+            if i + 1 < max_new_tokens:
+                logits = self.step(nxt)
+        return torch.cat(out, dim=1)

@@ -1,0 +1,146 @@
+"""effarch.fast against the reference scan and against transformers' own generation."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import MambaConfig, MambaForCausalLM
+
+from effarch import fast, ssm
+
+OPTIONS = [dict(), dict(delta_softplus=True), dict(D="D", z="z", delta_bias="bias",
+                                                   delta_softplus=True)]
+
+
+def _inputs(b=2, d=12, length=70, n=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    t = dict(u=r(b, d, length), delta=torch.rand(b, d, length, generator=g),
+             A=-torch.exp(r(d, n) * 0.5), B=r(b, n, length), C=r(b, n, length),
+             D=r(d), z=r(b, d, length), bias=r(d) * 0.1)
+    return {k: v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v for k, v in t.items()}
+
+
+def _call(fn, t, opts, **kw):
+    extra = {k: (t[v] if isinstance(v, str) else v) for k, v in opts.items()}
+    return fn(t["u"], t["delta"], t["A"], t["B"], t["C"], return_last_state=True, **extra, **kw)
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("length", [1, 5, 70, 300])
+def test_chunked_matches_reference(opts, length):
+    t = _inputs(length=length)
+    ref, ref_last = _call(ssm.selective_scan_ref, t, opts)
+    out, last = _call(fast.selective_scan_chunked, t, opts, chunk=32)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(last, ref_last, atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_bf16_within_1e_2():
+    t = _inputs(dtype=torch.bfloat16)
+    ref, _ = _call(ssm.selective_scan_ref, t, OPTIONS[2])
+    out, _ = _call(fast.selective_scan_chunked, t, OPTIONS[2])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_gradients_flow_and_match_reference():
+    t = _inputs(b=1, d=4, length=20, n=4)
+    grads = []
+    for fn in (ssm.selective_scan_ref, fast.selective_scan):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+        out, last = _call(fn, leaves, OPTIONS[2])
+        (out.square().sum() + last.sum()).backward()
+        grads.append({k: v.grad for k, v in leaves.items()})
+    for k in t:
+        assert grads[1][k] is not None and grads[1][k].abs().sum() > 0, k
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-4, rtol=1e-3)
+
+
+def test_dispatch():
+    u = torch.zeros(1, 2, 3)
+    assert fast.choose_backend(u) in ("chunked", "triton")
+    assert fast.choose_backend(u, needs_grad=True) == "chunked"
+    with pytest.raises(ValueError, match="backend"):
+        fast.selective_scan(u, u, torch.zeros(2, 4), u, u, backend="magic")
+
+
+TRITON_SCRIPT = textwrap.dedent("""
+    import torch
+    from effarch import fast, ssm
+    g = torch.Generator().manual_seed(1)
+    for (b, d, l, n), softplus in [((2, 12, 70, 16), True), ((1, 8, 1, 16), False),
+                                   ((1, 16, 33, 5), True)]:
+        u, z = torch.randn(b, d, l, generator=g), torch.randn(b, d, l, generator=g)
+        delta = torch.rand(b, d, l, generator=g)
+        A = -torch.exp(torch.randn(d, n, generator=g) * 0.5)
+        B, C = torch.randn(b, n, l, generator=g), torch.randn(b, n, l, generator=g)
+        D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g) * 0.1
+        for kw in (dict(), dict(D=D, z=z, delta_bias=bias)):
+            args = (u, delta, A, B, C)
+            ref, rl = ssm.selective_scan_ref(*args, delta_softplus=softplus,
+                                             return_last_state=True, **kw)
+            out, last = fast.selective_scan_triton(*args, delta_softplus=softplus,
+                                                   return_last_state=True, **kw)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(last, rl, atol=1e-5, rtol=1e-4)
+        # bf16 inputs, as a bf16 model passes them
+        bf = [x.bfloat16() for x in (u, delta)]
+        ref = ssm.selective_scan_ref(bf[0], bf[1], A, B.bfloat16(), C.bfloat16(), D=D,
+                                     z=z.bfloat16(), delta_softplus=True)
+        out = fast.selective_scan_triton(bf[0], bf[1], A, B.bfloat16(), C.bfloat16(), D=D,
+                                         z=z.bfloat16(), delta_softplus=True)
+        torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    print("TRITON-INTERPRETER-OK")
+""")
+
+
+def test_triton_kernel_in_interpreter_mode():
+    pytest.importorskip("triton", reason="Triton is not installed (dev extra on Linux)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0 and "TRITON-INTERPRETER-OK" in r.stdout, r.stderr[-3000:]
+
+
+def _tiny_mamba(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = MambaConfig(hidden_size=64, state_size=16, num_hidden_layers=3, vocab_size=300, **kw)
+    return MambaForCausalLM(cfg).eval()
+
+
+def test_generator_matches_transformers_generate_for_64_tokens():
+    model = _tiny_mamba()
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(3))
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,
+                         min_new_tokens=64, do_sample=False)
+    gen = fast.MambaFastGenerator(model, use_graph=False)
+    assert torch.equal(gen.generate(ids, 64), ref)
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+    torch.testing.assert_close(gen.prefill(ids), full, atol=1e-4, rtol=1e-4)
+    assert "effarch fast path" in gen.path
+
+
+def test_generator_on_the_zoo_mamba():
+    from effarch import models
+
+    if not models.is_cached("tiny-mamba"):
+        pytest.fail("data/zoo/tiny-mamba is missing: run scripts/train_zoo.py")
+    lm = models.load_model("tiny-mamba", device="cpu", dtype="float32")
+    ids = lm.tokenizer("def main(self):\n    return", return_tensors="pt").input_ids
+    ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,
+                            min_new_tokens=64, do_sample=False)
+    assert torch.equal(fast.MambaFastGenerator(lm.model).generate(ids, 64), ref)
+
+
+def test_generator_refuses_other_models():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, vocab_size=64)
+    with pytest.raises(TypeError, match="MambaForCausalLM"):
+        fast.MambaFastGenerator(LlamaForCausalLM(cfg))
