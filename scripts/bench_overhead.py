@@ -7,11 +7,12 @@ drift and contention fall on both alike):
 (b) effarch.bench: ``time_fn`` for a fixed matmul, ``measure_generation`` for a tiny Llama's
     prefill and decode steps (random weights, built from a config; no download).
 
-It prints the medians of both and their ratio; the target is an overhead under 3%. On a CPU
-shared with other work, ``--threads 1`` keeps thread oversubscription out of the figures.
+It prints the medians of both and their ratio; the target is an overhead under 3%. On the CPU
+it uses one thread by default: the harness's cost is Python's, and on a machine shared with other
+work more threads only add oversubscription to the figures.
 
     python scripts/bench_overhead.py                 # the default device (EFFARCH_DEVICE, cuda, mps, cpu)
-    python scripts/bench_overhead.py --device cpu --rounds 60 --threads 1
+    python scripts/bench_overhead.py --device cpu --rounds 60 --threads 0   # torch's threads
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import inspect
 import statistics
 import time
+import types
 
 import torch
 
@@ -46,12 +48,14 @@ def bare_samples(fn, calls: int, device: torch.device) -> list[float]:
 
 
 def matmul_workload(device: torch.device, target_s: float = 2e-3):
-    """A square matmul grown until one call takes about ``target_s`` (1-5 ms)."""
+    """A square matmul grown until one call takes about ``target_s`` (1-5 ms). The fastest of
+    a few warmed-up calls is the cost of the work itself, whatever else the machine runs."""
     n = 128
     while True:
         a = torch.randn(n, n, device=device)
         fn = lambda a=a: a @ a  # noqa: E731
-        if statistics.median(bare_samples(fn, 5, device)) >= target_s or n >= 16384:
+        bare_samples(fn, 3, device)  # warm-up: the first calls start thread pools
+        if min(bare_samples(fn, 7, device)) >= target_s or n >= 16384:
             return fn, f"matmul {n}x{n} (time_fn)"
         n = int(n * 1.25)
 
@@ -89,31 +93,80 @@ def bare_generation(model, ids, new_tokens: int, device: torch.device):
     return prefill_s, steps
 
 
-def run(args) -> list[tuple[str, list[float], list[float]]]:
+def bare_round(fn, model, ids, args, device) -> tuple[float, float, float]:
+    """One round of the bare loops: median matmul call, median decode step, median prefill."""
+    matmul = statistics.median(bare_samples(fn, args.calls, device))
+    runs = [bare_generation(model, ids, args.new_tokens, device) for _ in range(args.repeats)]
+    step = statistics.median([s for _, steps in runs for s in steps])
+    return matmul, step, statistics.median([p for p, _ in runs])
+
+
+def harness_round(fn, model, ids, args, device) -> tuple[float, float, float]:
+    """The same round through effarch.bench."""
+    matmul = bench.time_fn(fn, warmup=0, repeats=args.calls, device=device).median
+    res = bench.measure_generation(model, ids, new_tokens=args.new_tokens, warmup=0,
+                                   repeats=args.repeats)
+    return matmul, res.decode_ms_per_token / 1e3, res.ttft_s
+
+
+class NoOpModel(torch.nn.Module):
+    """A "model" that does no work: what is left to time is the loop's own cost."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, device=device))
+        self.logits = torch.zeros(1, 1, 8, device=device)
+
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None):
+        return types.SimpleNamespace(logits=self.logits, cache={} if cache is None else cache)
+
+
+def loop_cost_us(device: torch.device, new_tokens: int, runs: int = 300) -> tuple[float, float]:
+    """Microseconds per forward of a bare greedy loop and of effarch's, around a no-op model."""
+    model, ids = NoOpModel(device), torch.zeros(1, 4, dtype=torch.long, device=device)
+
+    def bare():
+        out = model(input_ids=ids, use_cache=True)
+        for _ in range(new_tokens - 1):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=token, use_cache=True, cache=out.cache)
+
+    def harness():
+        token, state = bench.prefill(model, ids, None, params)
+        for _ in range(new_tokens - 1):
+            token = bench.decode_step(model, state, token)
+
+    params = set(inspect.signature(model.forward).parameters)
+    costs = {bare: [], harness: []}
+    with torch.no_grad():
+        for _ in range(5):
+            for fn in costs:
+                start = time.perf_counter()
+                for _ in range(runs):
+                    fn()
+                costs[fn].append((time.perf_counter() - start) / runs / new_tokens * 1e6)
+    return min(costs[bare]), min(costs[harness])
+
+
+def run(args):
+    """Per-round medians of both ways, the order alternating from round to round."""
     device = torch.device(args.device or default_device())
     fn, name = matmul_workload(device)
     model = tiny_llama(device)
     ids = bench.random_input_ids(256, args.prompt).to(device)
-    bare_generation(model, ids, args.new_tokens, device)  # warm-up, untimed
-    bench.measure_generation(model, ids, new_tokens=args.new_tokens, warmup=1, repeats=1)
-    rows = {k: ([], []) for k in (name, "decode step (measure_generation)",
-                                  f"prefill {args.prompt} tokens (measure_generation)")}
+    bare_round(fn, model, ids, args, device)  # warm-up, untimed
+    harness_round(fn, model, ids, args, device)
+    bare, harness = [], []
     for r in range(args.rounds):
-        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
-            if which == 0:
-                rows[name][0].extend(bare_samples(fn, args.calls, device))
-                prefill_s, steps = bare_generation(model, ids, args.new_tokens, device)
-                step_s = statistics.median(steps)
-            else:
-                rows[name][1].extend(bench.time_fn(fn, warmup=0, repeats=args.calls,
-                                                   device=device).samples)
-                res = bench.measure_generation(model, ids, new_tokens=args.new_tokens,
-                                               warmup=0, repeats=1)
-                prefill_s, step_s = res.ttft_s, res.decode_ms_per_token / 1e3
-            keys = list(rows)
-            rows[keys[1]][which].append(step_s)  # each round's median step latency
-            rows[keys[2]][which].append(prefill_s)
-    return device, [(k, *v) for k, v in rows.items()]
+        first, second = (bare_round, harness_round) if r % 2 == 0 else (harness_round,
+                                                                          bare_round)
+        a, b = first(fn, model, ids, args, device), second(fn, model, ids, args, device)
+        bare.append(a if first is bare_round else b)
+        harness.append(b if first is bare_round else a)
+    names = [name, "decode step (measure_generation)",
+             f"prefill {args.prompt} tokens = ttft (measure_generation)"]
+    return device, [(n, [x[i] for x in bare], [x[i] for x in harness])
+                    for i, n in enumerate(names)]
 
 
 def main() -> None:
@@ -121,22 +174,29 @@ def main() -> None:
     parser.add_argument("--device", help="cpu, cuda, mps (default: effarch's default device)")
     parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds")
     parser.add_argument("--calls", type=int, default=20, help="matmul calls per round")
+    parser.add_argument("--repeats", type=int, default=3, help="generations per round")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=64, help="prompt length")
-    parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (1 is steadier on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: steady on a shared machine; "
+                             "0 keeps torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     device, rows = run(args)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"{args.rounds} interleaved rounds")
-    print(f"{'workload':<46} {'bare ms':>9} {'effarch ms':>11} {'ratio':>7} {'overhead':>9}")
+    print(f"{'workload':<52} {'bare ms':>8} {'effarch ms':>10} {'ratio':>6} {'overhead':>8}")
     for name, bare, harness in rows:
         b, h = statistics.median(bare), statistics.median(harness)
-        print(f"{name:<46} {b * 1e3:>9.4f} {h * 1e3:>11.4f} {h / b:>7.3f} {h / b - 1:>+9.1%}")
-    print(f"(medians; the decode row is the median over rounds of each round's median step; {time.perf_counter() - start:.0f} s)")
+        ratio = statistics.median(y / x for x, y in zip(bare, harness, strict=True))  # by round
+        print(f"{name:<52} {b * 1e3:>8.4f} {h * 1e3:>10.4f} {ratio:>6.3f} {ratio - 1:>+8.1%}")
+    bare_us, harness_us = loop_cost_us(device, args.new_tokens)
+    print(f"loop cost per forward around a no-op model: bare {bare_us:.1f} us, "
+          f"effarch {harness_us:.1f} us")
+    print(f"(medians over rounds of each round's median; ratio: the median of the rounds' "
+          f"effarch/bare ratios; {time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

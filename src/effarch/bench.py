@@ -391,8 +391,9 @@ def greedy_decode(model, input_ids: torch.Tensor, new_tokens: int = 32,
 
 
 def _timed_generation(model, input_ids, attention_mask, new_tokens, device, sync_every_token,
-                      params):
-    """One prefill and ``new_tokens - 1`` decode steps: (ttft s, decode s, per-step s)."""
+                      params, after=None):
+    """One prefill and ``new_tokens - 1`` decode steps: (ttft s, decode s, per-step s).
+    ``after()`` runs once the clock has stopped, while the cache is still alive."""
     synchronize(device)
     start = _clock()
     token, state = prefill(model, input_ids, attention_mask, params)
@@ -408,6 +409,8 @@ def _timed_generation(model, input_ids, attention_mask, new_tokens, device, sync
             last = now
     synchronize(device)
     end = _clock()
+    if after is not None:
+        after()
     decode_s = end - decode_start
     if not sync_every_token:
         steps = [decode_s / (new_tokens - 1)] * (new_tokens - 1)
@@ -502,9 +505,11 @@ def measure_generation(model, input_ids: torch.Tensor, *, new_tokens: int = 32,
     runs = []
     with _inference(model):
         for i in range(warmup + repeats):
+            # sample memory once, at the end of the last run: every run has the same shapes, and
+            # on the CPU reading RSS just before a prefill was seen to slow it by ~2%
+            last = i == warmup + repeats - 1
             run = _timed_generation(model, input_ids, attention_mask, new_tokens, device,
-                                    sync_every_token, params)
-            meter.sample()
+                                    sync_every_token, params, meter.sample if last else None)
             if i >= warmup:
                 runs.append(run)
     return _generation_result(model, input_ids, new_tokens, runs, meter, warmup, label)
