@@ -52,6 +52,7 @@ from effarch import data, memory, profile  # noqa: E402
 
 CONFIG_FILE = ROOT / "data" / "zoo" / "zoo_config.json"
 NAMES = ("tiny-mamba", "tiny-transformer", "tiny-moe", "tiny-hybrid")
+TRAIN_ORDER = ("tiny-transformer", "tiny-moe", "tiny-hybrid", "tiny-mamba")  # fastest first
 LOG_FIELDS = ("step", "tokens", "train_loss", "aux_loss", "val_loss", "lr", "elapsed_s")
 CHECKPOINT = "checkpoint.pt"
 
@@ -402,10 +403,11 @@ class Run:
         self.opt.step()
         self.sched.step()
         self.step += 1
+        loss = out.loss.item()
         if self.moe:  # out.loss = CE + coef * aux (Mixtral/Jamba ForCausalLM)
-            aux = float(out.aux_loss)
-            return float(out.loss) - self.cfg.router_aux_loss_coef * aux, aux
-        return float(out.loss), None
+            aux = out.aux_loss.item()
+            return loss - self.cfg.router_aux_loss_coef * aux, aux
+        return loss, None
 
 
 def train_model(run: Run, deadline: float, stop_after: int | None) -> bool:
@@ -557,25 +559,62 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop each model with a checkpoint at this step (tests of --resume)")
     p.add_argument("--smoke", action="store_true", help="tiny configs, a few steps (CPU tests)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    p.add_argument("--time-steps", type=int, default=None, metavar="N",
+                   help="only time N training steps per model (after 2 warm-up steps) and "
+                        "project the full run's minutes; writes nothing")
     return p.parse_args(argv)
 
 
 def select(only: str | None) -> list[str]:
+    """The models to train, fastest first (a run cut short by --max-minutes finishes most)."""
     if not only:
-        return list(NAMES)
-    names = []
+        return list(TRAIN_ORDER)
+    names = set()
     for n in only.split(","):
         n = n.strip()
         full = n if n.startswith("tiny-") else f"tiny-{n}"
         if full not in NAMES:
             raise SystemExit(f"unknown model {n!r}; choose from {', '.join(NAMES)}")
-        names.append(full)
-    return names
+        names.add(full)
+    return [n for n in TRAIN_ORDER if n in names]
+
+
+def time_steps(run: Run, n: int) -> dict:
+    """Seconds per training step (median of ``n`` after 2 warm-up steps) and the projection."""
+    run.model.train()
+    times = []
+    for i in range(n + 2):
+        t0 = time.time()
+        run.train_step()
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.time() - t0)
+    per_step = float(np.median(times))
+    t0 = time.time()
+    run.val_loss()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    evals = run.total_steps // run.settings["eval_interval_steps"] + 1
+    minutes = (run.total_steps * per_step + evals * (time.time() - t0)) / 60
+    print(f"{run.name:18s} {per_step * 1000:8.1f} ms/step {run.tokens_per_step / per_step:>11,.0f} "
+          f"tok/s  -> {run.total_steps} steps + {evals} evals ~ {minutes:.2f} min", flush=True)
+    return dict(s_per_step=per_step, minutes=minutes)
 
 
 def main(argv=None) -> dict:
     """Train the selected models; returns {name: {"meta", "model", "finished"}} for tests."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.smoke:  # tiny matrices: one thread beats several on a shared CPU
+        torch.set_num_threads(1)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace) -> dict:
     start = time.time()
     deadline = start + 60 * args.max_minutes if args.max_minutes else float("inf")
     settings = load_settings(args.config, smoke=args.smoke)
@@ -608,6 +647,13 @@ def main(argv=None) -> dict:
     print(f"train split: {len(tokens):,} tokens ({sampler.per_epoch:,} windows of "
           f"{settings['seq_len']}); validation: {len(val_ids) - 1:,} tokens", flush=True)
     results: dict = {}
+    if args.time_steps:
+        for name in names:
+            run = Run(name, settings, device, args.work, tokenizer, sampler, val_ids, args)
+            results[name] = time_steps(run, args.time_steps)
+        total = sum(r["minutes"] for r in results.values())
+        print(f"projected training time: {total:.1f} min (+ start-up, final evaluation, saving)")
+        return results
     for name in names:
         fp = fingerprint(name, settings)
         done = finished(args.out, name, fp) if args.resume else None
