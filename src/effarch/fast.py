@@ -92,10 +92,11 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         dt = dt + delta_bias.float()[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    dt_t = dt.permute(2, 0, 1)                               # (l, b, d)
-    dtu_t = (dt * u.float()).permute(2, 0, 1)                # (l, b, d)
-    B_t = B.float().permute(2, 0, 1)                         # (l, b, n)
-    C_t = C.float().permute(2, 0, 1)                         # (l, b, n)
+    # time-major and contiguous, so that every step below reads one contiguous slice
+    dt_t = dt.permute(2, 0, 1).contiguous()                  # (l, b, d)
+    dtu_t = (dt * u.float()).permute(2, 0, 1).contiguous()   # (l, b, d)
+    B_t = B.float().permute(2, 0, 1).contiguous()            # (l, b, n)
+    C_t = C.float().permute(2, 0, 1).contiguous()            # (l, b, n)
     A = A.float()
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
@@ -117,8 +118,8 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                 h = torch.addcmul(dBu[t], dA[t], h, out=tile[t])
             hs = tile[: e - s]
             h = h.clone()
-        ys.append(torch.einsum("mbdn,mbn->bdm", hs, C_t[s:e]))
-    out = _readout(torch.cat(ys, dim=-1), u, D, z)
+        ys.append(torch.einsum("mbdn,mbn->mbd", hs, C_t[s:e]))   # (m, b, d)
+    out = _readout(torch.cat(ys).permute(1, 2, 0), u, D, z)
     return (out, h) if return_last_state else out
 
 

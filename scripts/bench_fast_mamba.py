@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""How fast is Mamba here, and why: effarch's fast path against transformers' fallback and a
+transformer of Phi-2's size, side by side in one run (random weights at the real configs).
+
+    python scripts/bench_fast_mamba.py --device cuda            # the full table (GPU)
+    python scripts/bench_fast_mamba.py --device cpu --quick     # the CPU scan speed-up only
+
+Prints one table and writes every figure to --json. Roofline: decode must read every weight
+once per token, so tokens/s ≤ copy bandwidth ÷ parameter bytes, with the bandwidth measured
+here as a large device-to-device copy counting bytes read + written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from effarch import bench, fast, models
+from effarch.ssm import selective_scan_ref
+
+ROWS: list[dict] = []
+
+
+def row(what: str, value: float, unit: str, note: str = "") -> None:
+    ROWS.append(dict(what=what, value=value, unit=unit, note=note))
+    print(f"  {what:58s} {value:12.4g} {unit:8s} {note}", flush=True)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy (median of 10)."""
+    src = torch.empty(2**29, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = bench.time_fn(lambda: dst.copy_(src), warmup=3, repeats=10, device=device)
+    del src, dst
+    return 2 * 2**31 / t.median
+
+
+def cpu_scan(args) -> None:
+    """transformers' sequential scan against effarch's chunked scan (l=2048, d=512, n=16)."""
+    from transformers.models.mamba import modeling_mamba as mm
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    b, d, length, n = 1, 512, 2048, 16
+    u, z = torch.randn(b, d, length, generator=g), torch.randn(b, d, length, generator=g)
+    delta = torch.randn(b, d, length, generator=g) * 0.5
+    A = -torch.exp(torch.randn(d, n, generator=g) * 0.5 + 1)
+    B, C = torch.randn(b, n, length, generator=g), torch.randn(b, n, length, generator=g)
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g) * 0.1
+    hf_scan = getattr(mm.mamba_selective_scan, "__wrapped__", mm.mamba_selective_scan)
+    call = dict(D=D, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True)
+    with torch.no_grad():
+        t_hf = bench.time_fn(lambda: hf_scan(u, delta, A, B, C, **call), repeats=5, device="cpu")
+        t_fast = bench.time_fn(lambda: fast.selective_scan_chunked(u, delta, A, B, C, **call),
+                               repeats=5, device="cpu")
+        ref = selective_scan_ref(u, delta, A, B, C, **call)[0]
+        out = fast.selective_scan_chunked(u, delta, A, B, C, **call)[0]
+    print(f"CPU scan, b=1 d=512 l=2048 n=16 float32, {args.threads} threads, median of 5:")
+    row("transformers sequential scan", t_hf.median * 1e3, "ms")
+    row("effarch chunked scan", t_fast.median * 1e3, "ms")
+    row("speed-up", t_hf.median / t_fast.median, "x")
+    row("max |chunked - reference|", (out - ref).abs().max().item(), "")
+
+
+def build(name: str, device: str, layers: int | None = None, **overrides):
+    """A registry model at its real config with random weights, in bf16 on ``device``.
+
+    ``layers`` cuts the depth (smoke runs on a CPU only: figures are then not the model's).
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = models.get_config(name)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    if layers:
+        cfg.num_hidden_layers = layers
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    return model, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def timed(fn, device, repeats=3, warmup=1) -> float:
+    return bench.time_fn(fn, warmup=warmup, repeats=repeats, device=device).median
+
+
+def mamba_section(args, bw: float) -> None:
+    dev = args.device
+    model, wbytes = build(args.mamba, dev, args.layers)
+    roof = bw / wbytes
+    print(f"{args.mamba}{args.layer_note}, random weights, bf16, {wbytes / 1e9:.2f} GB of weights:")
+    row("decode roofline (copy bandwidth / weight bytes)", roof, "tok/s")
+    vocab = model.config.vocab_size
+    ids = lambda b, n: torch.randint(0, vocab, (b, n), device=dev)  # noqa: E731
+    gen = fast.MambaFastGenerator(model)
+    with torch.no_grad():
+        t_fb = timed(lambda: model(ids(1, args.prefill_fallback)), dev, repeats=1, warmup=0)
+    row(f"prefill {args.prefill_fallback} tokens, transformers fallback",
+        args.prefill_fallback / t_fb, "tok/s", mamba_path_note(model))
+    for n in args.lengths:
+        t = timed(lambda: gen.prefill(ids(1, n)), dev)
+        row(f"prefill {n} tokens, effarch fast path ({gen.path.split('(')[1].split(',')[0]})",
+            n / t, "tok/s")
+        if n == args.prefill_fallback:
+            row(f"prefill speed-up at {n} over the fallback", t_fb / t, "x")
+    bench.reset_peak_memory(dev)
+    base = torch.cuda.memory_allocated() if dev.startswith("cuda") else 0
+    gen.prefill(ids(1, args.lengths[-1]))
+    if dev.startswith("cuda"):
+        extra = torch.cuda.max_memory_allocated() - base
+        row(f"peak prefill memory above the weights at {args.lengths[-1]}", extra / 1e9, "GB",
+            f"{extra / wbytes:.2f}x the weights")
+    decode_section(model, gen, ids, roof, dev, args)
+    del gen, model
+    models.unload()
+
+
+def mamba_path_note(model) -> str:
+    return f"({bench.mamba_path(model)})"
+
+
+def decode_section(model, gen, ids, roof, dev, args) -> None:
+    prompt = ids(1, 64)
+    with torch.no_grad():
+        tok, state = bench.prefill(model, prompt)
+        for _ in range(2):
+            tok = bench.decode_step(model, state, tok)
+        n = args.fallback_tokens
+        bench.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tok = bench.decode_step(model, state, tok)
+        bench.synchronize(dev)
+    fb = n / (time.perf_counter() - t0)
+    row("decode batch 1, transformers fallback", fb, "tok/s", f"{fb / roof:.1%} of roofline")
+    for b in (1, 8, 32):
+        logits = gen.prefill(ids(b, 64))
+        nxt = logits.argmax(-1)
+        gen.step(nxt)  # captures the graph for this batch size
+        t = timed(lambda: [gen.step(nxt) for _ in range(args.tokens)], dev, repeats=3)
+        tps = b * args.tokens / t
+        row(f"decode batch {b}, effarch fast path ({'graph' if gen.use_graph else 'eager'})",
+            tps, "tok/s", f"{args.tokens / t / roof:.1%} of roofline per sequence")
+        if b == 1:
+            row("decode speed-up over the fallback, batch 1", tps / fb, "x")
+
+
+def phi_section(args, bw: float) -> None:
+    dev = args.device
+    model, wbytes = build(args.transformer, dev, args.layers, max_position_embeddings=16384)
+    roof = bw / wbytes
+    print(f"{args.transformer}{args.layer_note} architecture, random weights, bf16, positions raised to 16,384 for this "
+          f"measurement (the real Phi-2 stops at 2,048), {wbytes / 1e9:.2f} GB:")
+    row("decode roofline", roof, "tok/s")
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        for n in args.lengths:
+            x = torch.randint(0, vocab, (1, n), device=dev)
+            t = timed(lambda: model(x, use_cache=False, logits_to_keep=1), dev)
+            row(f"prefill {n} tokens, SDPA (eager module)", n / t, "tok/s")
+    prompt = torch.randint(0, vocab, (1, 64), device=dev)
+    eager = bench.measure_generation(model, prompt, new_tokens=args.tokens, warmup=1, repeats=3)
+    row("decode batch 1, eager dynamic cache", eager.decode_tokens_per_s, "tok/s",
+        f"{eager.decode_tokens_per_s / roof:.1%} of roofline")
+    if args.compile:
+        fair_arm(model, prompt, roof, args)
+    del model
+    models.unload()
+
+
+def fair_arm(model, prompt, roof, args) -> None:
+    """transformers' static cache with torch.compile: the transformer's own fast path."""
+    kw = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+              cache_implementation="static", attention_mask=torch.ones_like(prompt))
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(2):  # compile, then record the graphs
+            model.generate(prompt, **kw)
+    bench.synchronize(args.device)
+    row("static cache + torch.compile: compile and warm-up", time.perf_counter() - t0, "s")
+    with torch.no_grad():
+        t_full = timed(lambda: model.generate(prompt, **kw), args.device, repeats=3, warmup=0)
+        kw1 = dict(kw, max_new_tokens=1, min_new_tokens=1)
+        t_one = timed(lambda: model.generate(prompt, **kw1), args.device, repeats=3, warmup=1)
+    tps = (args.tokens - 1) / (t_full - t_one)
+    row("decode batch 1, static cache + torch.compile", tps, "tok/s",
+        f"{tps / roof:.1%} of roofline (generate(n) - generate(1))")
+
+
+def gpu_scan_check(dev: str) -> None:
+    g = torch.Generator(device=dev).manual_seed(0)
+    b, d, length, n = 2, 1024, 1000, 16
+    r = lambda *s: torch.randn(*s, device=dev, generator=g)  # noqa: E731
+    u, z, B, C = r(b, d, length), r(b, d, length), r(b, n, length), r(b, n, length)
+    delta, A = r(b, d, length) * 0.5, -torch.exp(r(d, n) * 0.5)
+    D, bias = r(d), r(d) * 0.1
+    kw = dict(D=D, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True)
+    ref, rl = selective_scan_ref(u, delta, A, B, C, **kw)
+    out, last = fast.selective_scan(u, delta, A, B, C, **kw)
+    ok = torch.allclose(out, ref, atol=1e-5, rtol=1e-4) and torch.allclose(last, rl, 1e-4, 1e-5)
+    bf = [x.bfloat16() for x in (u, delta, B, C, z)]
+    kb = dict(kw, z=bf[4])
+    refb = selective_scan_ref(bf[0], bf[1], A, bf[2], bf[3], **kb)[0].float()
+    outb = fast.selective_scan(bf[0], bf[1], A, bf[2], bf[3], **kb)[0].float()
+    print(f"GPU scan check ({fast.choose_backend(u)}): float32 max err "
+          f"{(out - ref).abs().max().item():.2e} ({'ok' if ok else 'FAIL'}), bf16 max err "
+          f"{(outb - refb).abs().max().item():.2e}")
+    if not ok:
+        sys.exit(1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="CPU scan comparison only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128, help="decode tokens per measurement")
+    ap.add_argument("--fallback-tokens", type=int, default=32)
+    ap.add_argument("--prefill-fallback", type=int, default=4096)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--mamba", default="mamba-2.8b")
+    ap.add_argument("--transformer", default="phi-2")
+    ap.add_argument("--layers", type=int, default=None, help="smoke runs: cut the depth")
+    ap.add_argument("--lengths", default="4096,16384", help="fast-path prefill lengths")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    args = ap.parse_args(argv)
+    args.layer_note = f" cut to {args.layers} layers (smoke run)" if args.layers else ""
+    args.lengths = [int(x) for x in args.lengths.split(",")]
+    print(f"torch {torch.__version__}, {platform.machine()}, device {args.device}")
+    cpu_scan(args)
+    if not args.quick:
+        if args.device.startswith("cuda"):
+            print(f"GPU: {torch.cuda.get_device_name()}")
+            gpu_scan_check(args.device)
+        bw = copy_bandwidth(args.device)
+        row("device copy bandwidth (read + write)", bw / 1e12, "TB/s")
+        mamba_section(args, bw)
+        phi_section(args, bw)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=args.device, torch=torch.__version__, rows=ROWS), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
