@@ -237,43 +237,67 @@ def scoring_windows(n: int, window: int, stride: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def stream_nll(model, ids: torch.Tensor, *, window: int, stride: int, batch_size: int,
-               device: torch.device, max_batches: int | None = None) -> tuple[float, int]:
-    """Summed NLL (nats, float32) and the number of scored tokens of ``ids`` (n,), windows
-    moving by ``stride`` (``stride == window``: plain chunks). Position 0 is context only; put
-    ``<|endoftext|>`` there to score the whole text. Logits at t predict t + 1 (float32 CE,
-    never ``out.loss``, which for MoE models includes the router's auxiliary loss)."""
+               device: torch.device, max_batches: int | None = None,
+               routes: list | None = None) -> tuple[float, int]:
+    """Summed NLL (nats, float32) and the number of scored tokens of ``ids`` (n,), windows of
+    ``window`` tokens moving by ``stride`` < ``window``; each position 1..n-1 is scored once.
+    Position 0 is context only: put ``<|endoftext|>`` there to score a whole text. Logits at t
+    predict t + 1 (float32 CE, never ``out.loss``, which for MoE models includes the router's
+    auxiliary loss).
+
+    With ``routes`` (a list, MoE models only) the routers' top-k choices for input positions
+    0..n-2, each taken from the window that scores its prediction, are appended to it as one
+    (n-1, k) int array per MoE layer (``output_router_logits=True``: (b·w, E) per layer).
+    """
     was_training = model.training
     model.eval()
     wins = scoring_windows(len(ids), window, stride)
     total, count = 0.0, 0
+    picked: list[list[torch.Tensor]] = []
     for b, first in enumerate(range(0, len(wins), batch_size)):
         if max_batches is not None and b >= max_batches:
             break
         group = wins[first:first + batch_size]
         length = min(window, len(ids))
         x = torch.stack([ids[s:s + length] for s, _ in group]).to(device)  # (b, w)
+        extra = {"output_router_logits": True} if routes is not None else {}
         with autocast(device):
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (b, w-1, V)
+            out = model(input_ids=x, use_cache=False, **extra)
+        logits = out.logits[:, :-1]  # (b, w-1, V)
         target = x[:, 1:].clone()  # (b, w-1)
         for row, (s, scored_from) in enumerate(group):
             target[row, : scored_from - s - 1] = -100  # context already scored
+        if routes is not None:
+            k = model.config.num_experts_per_tok
+            layers = [r.float().reshape(len(group), length, -1) for r in out.router_logits]
+            picked.extend([lay[row, scored_from - s - 1:length - 1].topk(k).indices.cpu()
+                           for lay in layers] for row, (s, scored_from) in enumerate(group))
         nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                 target.reshape(-1), ignore_index=-100,
                                                 reduction="sum")
         total += float(nll)
         count += int((target != -100).sum())
     model.train(was_training)
+    if routes is not None and picked:
+        routes.extend(torch.cat([w[i] for w in picked]).numpy() for i in range(len(picked[0])))
     return total, count
 
 
+def text_ids(tokenizer, text: str) -> torch.Tensor:
+    """``<|endoftext|>`` followed by the text's tokens: (n,) int64."""
+    return torch.tensor([tokenizer.eos_token_id]
+                        + tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def text_bits_per_byte(model, tokenizer, text: str, *, window: int, stride: int,
-                       batch_size: int, device: torch.device) -> dict:
+                       batch_size: int, device: torch.device, routes: list | None = None,
+                       ids: torch.Tensor | None = None) -> dict:
     """Bits per UTF-8 byte of the whole ``text``: every token scored once (the first after
-    ``<|endoftext|>``), total nats / ln 2 / bytes."""
-    ids = torch.tensor([tokenizer.eos_token_id]
-                       + tokenizer(text, add_special_tokens=False)["input_ids"])
+    ``<|endoftext|>``), total nats / ln 2 / bytes. ``routes``: see `stream_nll`."""
+    if ids is None:
+        ids = text_ids(tokenizer, text)
     nll, n = stream_nll(model, ids, window=window, stride=stride, batch_size=batch_size,
-                        device=device)
+                        device=device, routes=routes)
     n_bytes = len(text.encode("utf-8"))
     return dict(nll_per_token=nll / n, tokens=n, bytes=n_bytes,
                 bits_per_byte=nll / math.log(2) / n_bytes, window=window, stride=stride)
@@ -642,8 +666,7 @@ def _main(args: argparse.Namespace) -> dict:
           f"out {args.out}, work {args.work}", flush=True)
     tokens = train_tokens(tokenizer, args.work / "tokens", settings.get("train_chars"))
     sampler = WindowSampler(tokens, settings["seq_len"], settings["batch_size"], settings["seed"])
-    val_ids = torch.tensor([tokenizer.eos_token_id] + tokenizer(
-        validation_text(settings.get("val_chars")), add_special_tokens=False)["input_ids"])
+    val_ids = text_ids(tokenizer, validation_text(settings.get("val_chars")))
     print(f"train split: {len(tokens):,} tokens ({sampler.per_epoch:,} windows of "
           f"{settings['seq_len']}); validation: {len(val_ids) - 1:,} tokens", flush=True)
     results: dict = {}

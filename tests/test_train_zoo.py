@@ -176,3 +176,54 @@ def test_resume_continues_from_the_checkpoint(smoke, tz, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     third = tz.main(common + ["--resume"])  # finished models are skipped
     assert all(r["finished"] and r["model"] is None for r in third.values())
+
+
+# --- scripts/eval_zoo.py ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ez():
+    spec = importlib.util.spec_from_file_location("eval_zoo", SCRIPT.parent / "eval_zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mutual_information_and_its_shuffled_baseline(ez):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 4, 20_000)
+    assert ez.mutual_information(label, label, 4, 4) == pytest.approx(2.0, abs=0.01)  # H = 2 bits
+    noise = ez.mi_with_baseline(rng.integers(0, 8, 20_000), label, 8, 4, n_perm=20)
+    assert noise["mi_bits"] < 3 * noise["perm_p99"]
+    tied = ez.mi_with_baseline(label * 2, label, 8, 4, n_perm=20)
+    assert tied["mi_bits"] > 100 * tied["perm_p99"]
+
+
+def test_code_token_classes(ez):
+    text = 'def f(x):\n    return x + 1  # one\n'
+    cls = ez._code_classes(text)
+    name = {i: c for i, c in enumerate(ez.CLASSES)}
+    at = [0, 4, 5, 10, 25, 28]  # def, f, (, indentation, 1, # one
+    assert [name[cls[i]] for i in at] == [
+        "keyword", "identifier", "punctuation", "whitespace", "number", "string/comment"]
+    assert name[cls[text.index("return")]] == "keyword"
+
+
+def test_eval_zoo_on_the_smoke_models(smoke, ez, monkeypatch):
+    out, _ = smoke
+    monkeypatch.delenv("EFFARCH_ROOT", raising=False)
+    results = ez.main(["--zoo", str(out), "--only", "moe,transformer", "--window", "64",
+                       "--stride", "48", "--batch-size", "32", "--permutations", "5",
+                       "--random-tokens", "256", "--new-tokens", "4", "--write-readme"])
+    assert "EFFARCH_ROOT" not in __import__("os").environ
+    assert [r["name"] for r in results] == ["tiny-transformer", "tiny-moe"]
+    for r in results:
+        assert 0 < r["validation"]["bits_per_byte"] < 20 and r["load_s"] < 30
+        assert set(r["samples"]) == {"code", "prose"}
+    moe = results[1]["routing"]
+    assert [row["layer"] for row in moe] == [0, 1]
+    assert all(abs(sum(row["load"]) - 1) < 1e-6 for row in moe)
+    readme = (out / "README.md").read_text()
+    assert "xz -9e" in readme and "tiny-moe" in readme

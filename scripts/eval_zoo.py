@@ -1,0 +1,483 @@
+#!/usr/bin/env python
+"""Evaluate the tiny zoo on this machine and (with --write-readme) record it in data/zoo/README.md.
+
+For each model, loaded through ``effarch.models.load_model`` (float32 on the CPU):
+
+- load time, and validation bits per byte over the *whole* validation text: every token scored
+  once by sliding windows (``final_eval`` in zoo_config.json), total nats / ln 2 / UTF-8 bytes,
+  beside ``gzip -9`` and ``xz -9e`` on the same text (Python's gzip and lzma modules);
+- two sample generations, a code prompt and a prose prompt (seeded sampling);
+- for tiny-moe and tiny-hybrid, from the same pass (``output_router_logits=True``): each MoE
+  layer's expert load (share of the top-k assignments; experts under a quarter of the uniform
+  share are flagged), and the mutual information in bits between the top-1 expert and the
+  token's class (keyword, identifier, punctuation, whitespace, number, string/comment, prose
+  word) and between the top-1 expert and the document's domain, each beside a permutation
+  baseline (labels shuffled N times: mean and 99th percentile).
+
+    python scripts/eval_zoo.py                      # print
+    python scripts/eval_zoo.py --write-readme       # and write data/zoo/README.md
+    python scripts/eval_zoo.py --zoo /tmp/zoo-smoke-x   # models trained elsewhere (--smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import io
+import json
+import keyword
+import lzma
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import tokenize
+import warnings
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from effarch import data, memory, models, profile  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("train_zoo", ROOT / "scripts" / "train_zoo.py")
+tz = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tz)
+
+CLASSES = ("keyword", "identifier", "punctuation", "whitespace", "number", "string/comment",
+           "prose word")
+PROMPTS = {"code": "def read_config(path):\n    \"\"\"Return the settings in ",
+           "prose": "The module provides functions for"}
+LOAD_LIMIT_S = 5.0
+
+
+# --- token classes --------------------------------------------------------------------------
+
+
+def _rule_class(ch: str) -> int:
+    if ch.isspace():
+        return CLASSES.index("whitespace")
+    if ch.isdigit():
+        return CLASSES.index("number")
+    if ch.isalpha() or ch == "_":
+        return CLASSES.index("prose word")
+    return CLASSES.index("punctuation")
+
+
+def _code_classes(text: str) -> np.ndarray:
+    """One class per character of a Python file, from the ``tokenize`` module; whitespace
+    between tokens (indentation included) is whitespace. Where tokenize gives up (a syntax
+    error), the rest of the file falls back to the character rules."""
+    labels = np.full(len(text), CLASSES.index("whitespace"), dtype=np.int8)
+    lines = io.StringIO(text).readlines()  # split as tokenize reads: on "\n" only
+    line_starts = np.concatenate([[0], np.cumsum([len(x) for x in lines])]).astype(int)
+    kinds = {tokenize.NUMBER: "number", tokenize.OP: "punctuation",
+             tokenize.STRING: "string/comment", tokenize.COMMENT: "string/comment"}
+    for name in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END"):
+        if hasattr(tokenize, name):
+            kinds[getattr(tokenize, name)] = "string/comment"
+    done = 0
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.NAME:
+                cls = "keyword" if (keyword.iskeyword(tok.string)
+                                    or keyword.issoftkeyword(tok.string)) else "identifier"
+            elif tok.type in kinds:
+                cls = kinds[tok.type]
+            else:  # NEWLINE, NL, INDENT, DEDENT, ENDMARKER, ERRORTOKEN
+                cls = "whitespace" if not tok.string.strip() else "punctuation"
+            a = int(line_starts[tok.start[0] - 1]) + tok.start[1]
+            b = int(line_starts[tok.end[0] - 1]) + tok.end[1]
+            labels[a:b] = CLASSES.index(cls)
+            done = max(done, b)
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        labels[done:] = [_rule_class(c) for c in text[done:]]
+    return labels
+
+
+def char_labels(docs) -> tuple[np.ndarray, np.ndarray]:
+    """Class and domain index of every character of ``DOC_SEPARATOR.join(docs)``: code by
+    ``tokenize``, the other domains (prose, arithmetic, structured) by character rules."""
+    classes, domains = [], []
+    sep = np.array([_rule_class(c) for c in data.DOC_SEPARATOR], dtype=np.int8)
+    for i, d in enumerate(docs):
+        if i:
+            classes.append(sep)
+            domains.append(np.full(len(sep), data.DOMAINS.index(d.domain), dtype=np.int8))
+        lab = (_code_classes(d.text) if d.domain == "code"
+               else np.array([_rule_class(c) for c in d.text], dtype=np.int8))
+        classes.append(lab)
+        domains.append(np.full(len(d.text), data.DOMAINS.index(d.domain), dtype=np.int8))
+    return np.concatenate(classes), np.concatenate(domains)
+
+
+def token_labels(tokenizer, text: str, char_cls: np.ndarray, char_dom: np.ndarray):
+    """Class of each token of ``text`` = class of its first non-whitespace character (all
+    whitespace: whitespace); domain = that of its first character. Token order matches
+    ``tz.text_ids`` without its leading <|endoftext|>."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ws = CLASSES.index("whitespace")
+    cls, dom = [], []
+    for a, b in enc["offset_mapping"]:
+        span = char_cls[a:b]
+        solid = [c for ch, c in zip(text[a:b], span) if not ch.isspace()]
+        cls.append(solid[0] if solid else ws)
+        dom.append(char_dom[a] if b > a else char_dom[max(a - 1, 0)])
+    return np.array(cls, dtype=np.int64), np.array(dom, dtype=np.int64)
+
+
+# --- routing statistics ---------------------------------------------------------------------
+
+
+def mutual_information(x: np.ndarray, y: np.ndarray, nx: int, ny: int) -> float:
+    """I(X; Y) in bits from paired samples (plug-in estimate over the joint histogram)."""
+    joint = np.bincount(x * ny + y, minlength=nx * ny).reshape(nx, ny) / len(x)
+    px, py = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log2(joint[nz] / (px @ py)[nz])).sum())
+
+
+def mi_with_baseline(expert: np.ndarray, label: np.ndarray, n_experts: int, n_labels: int,
+                     n_perm: int, seed: int = 0) -> dict:
+    """MI(top-1 expert; label) and the same with the labels shuffled ``n_perm`` times: what
+    chance alone gives with this many tokens (the plug-in estimate is biased upwards)."""
+    rng = np.random.default_rng(seed)
+    mi = mutual_information(expert, label, n_experts, n_labels)
+    perm = np.array([mutual_information(expert, rng.permutation(label), n_experts, n_labels)
+                     for _ in range(n_perm)])
+    return dict(mi_bits=mi, perm_mean=float(perm.mean()), perm_p99=float(np.quantile(perm, 0.99)),
+                n_perm=n_perm, tokens=len(label))
+
+
+def moe_layers(cfg) -> list[int]:
+    """Indices of the layers whose feed-forward part is a mixture of experts."""
+    if cfg.model_type == "jamba":
+        return [i for i, n in enumerate(cfg.layers_num_experts) if n > 1]
+    return list(range(cfg.num_hidden_layers))
+
+
+def n_experts(cfg) -> int:
+    return getattr(cfg, "num_local_experts", None) or cfg.num_experts
+
+
+def routing_report(cfg, routes: list[np.ndarray], cls: np.ndarray, dom: np.ndarray,
+                   n_perm: int) -> list[dict]:
+    """Per MoE layer: expert load (share of top-k assignments) and MI with class and domain.
+    ``routes``: (n, k) per layer for input positions 0..n-1 (position 0: <|endoftext|>)."""
+    e = n_experts(cfg)
+    rows = []
+    for layer, top in zip(moe_layers(cfg), routes):
+        load = np.bincount(top.reshape(-1), minlength=e) / top.size
+        top1 = top[1:, 0].astype(np.int64)  # drop the <|endoftext|> at position 0
+        m = min(len(top1), len(cls))
+        rows.append(dict(
+            layer=layer, load=load.tolist(),
+            starved=[i for i, s in enumerate(load) if s < 0.25 / e],
+            mi_class=mi_with_baseline(top1[:m], cls[:m], e, len(CLASSES), n_perm, seed=layer),
+            mi_domain=mi_with_baseline(top1[:m], dom[:m], e, len(data.DOMAINS), n_perm,
+                                       seed=100 + layer),
+            class_entropy_bits=entropy_bits(cls[:m]), domain_entropy_bits=entropy_bits(dom[:m])))
+    return rows
+
+
+def entropy_bits(labels: np.ndarray) -> float:
+    p = np.bincount(labels) / len(labels)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+# --- one model ------------------------------------------------------------------------------
+
+
+def compressors(text: str) -> dict:
+    raw = text.encode("utf-8")
+    return {"gzip -9": 8 * len(gzip.compress(raw, compresslevel=9)) / len(raw),
+            "xz -9e": 8 * len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)) / len(raw)}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, new_tokens: int, seed: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    torch.manual_seed(seed)
+    out = model.generate(ids.to(model.device), max_new_tokens=new_tokens, do_sample=True,
+                         temperature=0.7, top_k=50, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+
+
+def evaluate(name: str, args, text: str, ids: torch.Tensor,
+             labels: tuple[np.ndarray, np.ndarray]) -> dict:
+    t0 = time.perf_counter()
+    loaded = models.load_model(name, device=args.device)
+    load_s = time.perf_counter() - t0
+    model, tokenizer = loaded.model, loaded.tokenizer
+    cfg = model.config
+    moe = cfg.model_type in ("mixtral", "jamba")
+    routes: list | None = [] if moe else None
+    t0 = time.perf_counter()
+    bpb = tz.text_bits_per_byte(model, tokenizer, text, window=args.window, stride=args.stride,
+                                batch_size=args.batch_size, device=torch.device(args.device),
+                                routes=routes, ids=ids)
+    eval_s = time.perf_counter() - t0
+    pc = memory.count_params(cfg)
+    meta_path = profile.zoo_dir() / name / "train_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    result = dict(name=name, model_class=type(model).__name__, load_s=load_s, eval_s=eval_s,
+                  validation=bpb, params=dict(total=pc.total, active=pc.active),
+                  weights_bytes=(profile.zoo_dir() / name / "model.safetensors").stat().st_size,
+                  mamba_path=_mamba_path(model), train_meta=meta,
+                  samples={k: generate(model, tokenizer, p, args.new_tokens, args.seed)
+                           for k, p in PROMPTS.items()})
+    if moe:
+        result["routing"] = routing_report(cfg, routes, *labels, n_perm=args.permutations)
+        for row, mi in zip(result["routing"], random_router_mi(cfg, ids, labels[0], args)):
+            row["mi_class_random_init"] = mi
+    models.unload(model)
+    return result
+
+
+def random_router_mi(cfg, ids: torch.Tensor, cls: np.ndarray, args) -> list[float]:
+    """MI(top-1 expert; class) per MoE layer of the same architecture at initialisation, over
+    ``args.random_tokens`` tokens in evenly spaced windows of the validation stream.
+
+    A router that sees (nearly) the token alone routes by token identity, and the class is a
+    function of the token too: such MI is above the shuffled baseline without any learning.
+    This is the untrained reference for the trained figure."""
+    from transformers import AutoModelForCausalLM
+
+    transformers.set_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(args.device).eval()
+    w = min(args.window, len(ids))
+    k = max(1, min(args.random_tokens // w, len(ids) // w))
+    starts = np.linspace(1, len(ids) - w, k).astype(int)  # skip the leading <|endoftext|>
+    tops: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for b in range(0, k, args.batch_size):
+            x = torch.stack([ids[s:s + w] for s in starts[b:b + args.batch_size]])  # (b, w)
+            out = model(input_ids=x.to(args.device), use_cache=False, output_router_logits=True)
+            tops.append([r.reshape(len(x), w, -1).argmax(-1).reshape(-1).cpu().numpy()
+                         for r in out.router_logits])
+    labels = np.concatenate([cls[s - 1:s - 1 + w] for s in starts])  # ids[j] is token j-1
+    e = n_experts(cfg)
+    result = [mutual_information(np.concatenate([t[i] for t in tops]).astype(np.int64), labels,
+                                 e, len(CLASSES)) for i in range(len(tops[0]))]
+    models.unload(model)
+    return result
+
+
+def _mamba_path(model) -> str:
+    try:
+        from effarch import bench
+        return bench.mamba_path(model)
+    except Exception:  # effarch.bench is optional here
+        return "n/a"
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def format_report(results: list[dict], comp: dict, info: dict) -> str:
+    """The report as Markdown (printed, and the body of the README)."""
+    lines = ["## Validation bits per byte", "",
+             f"Whole validation split: {info['bytes']:,} UTF-8 bytes, {info['tokens']:,} tokens; "
+             f"windows of {info['window']} tokens moving by {info['stride']} (each token scored "
+             f"once, the first after `<|endoftext|>`); bits/byte = total nats / ln 2 / bytes. "
+             f"Measured by `scripts/eval_zoo.py` on {info['device']} ({info['machine']}), torch "
+             f"{info['torch']}, transformers {info['transformers']}, {info['date']}.", "",
+             "| model | class | params total | active | bf16 file | trained on | val bits/byte "
+             "| beats xz | load s |", "| --- | --- | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
+    xz = comp["xz -9e"]
+    for r in results:
+        m = r["train_meta"]
+        trained = (f"{m['tokens_trained'] / 1e6:.1f}M tokens, {m['wall_time_s'] / 60:.1f} min"
+                   f"{' (smoke)' if m.get('smoke') else ''}" if m else "?")
+        bpb = r["validation"]["bits_per_byte"]
+        flag = "" if r["load_s"] < LOAD_LIMIT_S else " ⚠"
+        lines.append(f"| {r['name']} | {r['model_class']} | {r['params']['total']:,} | "
+                     f"{r['params']['active']:,} | {r['weights_bytes'] / 1e6:.1f} MB | {trained} | "
+                     f"{bpb:.3f} | {'yes' if bpb < xz else 'NO'} | {r['load_s']:.2f}{flag} |")
+    for k, v in comp.items():
+        lines.append(f"| `{k}` | compressor | | | | | {v:.3f} | | |")
+    lines += ["", "## Samples", "",
+              f"Seeded sampling (seed {info['seed']}, temperature 0.7, top-k 50, "
+              f"{info['new_tokens']} new tokens); each sample starts with its prompt.", ""]
+    for r in results:
+        lines.append(f"### {r['name']}")
+        for k, p in PROMPTS.items():
+            lines += ["", f"{k}:", "", "```text", p + r["samples"][k], "```"]
+        lines.append("")
+    routed = [r for r in results if "routing" in r]
+    if routed:
+        lines += _routing_lines(routed, info)
+    return "\n".join(lines) + "\n"
+
+
+def _routing_lines(routed: list[dict], info: dict) -> list[str]:
+    lines = ["## Routing", "",
+             "Expert load: share of all top-k assignments per expert over the validation "
+             "split (uniform = 1/E); ⚠ marks an expert under a quarter of the uniform share.", ""]
+    for r in routed:
+        e = len(r["routing"][0]["load"])
+        lines += [f"### {r['name']}", "", "| layer | " + " | ".join(f"e{i}" for i in range(e))
+                  + " | starved |", "| --- |" + " ---: |" * e + " --- |"]
+        for row in r["routing"]:
+            cells = [f"{s:.3f}{' ⚠' if i in row['starved'] else ''}"
+                     for i, s in enumerate(row["load"])]
+            lines.append(f"| {row['layer']} | " + " | ".join(cells)
+                         + f" | {', '.join(map(str, row['starved'])) or 'none'} |")
+        lines.append("")
+    n = routed[0]["routing"][0]["mi_class"]
+    lines += ["Mutual information between the top-1 expert and a token label, in bits, over "
+              f"{n['tokens']:,} validation tokens (all of them), beside the same statistic with "
+              f"the labels shuffled {n['n_perm']} times (mean, 99th percentile). Token classes: "
+              + ", ".join(CLASSES) + " (code documents by Python's `tokenize` and `keyword`, the "
+              "other domains by character rules; a token takes the class of its first "
+              "non-space character). Domains: " + ", ".join(data.DOMAINS) + ". The shuffled "
+              "baseline tests independence only: a router that sees mostly the token itself "
+              "routes by token identity, and the class is a function of the token, so even an "
+              f"untrained router scores above it; *random init* is the same architecture "
+              f"before training, on {info['random_tokens']:,} tokens in evenly spaced windows.", "",
+              "| model | layer | MI class | shuffled mean / p99 | random init | H(class) | "
+              "MI domain | shuffled mean / p99 | H(domain) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in routed:
+        for row in r["routing"]:
+            c, d = row["mi_class"], row["mi_domain"]
+            lines.append(f"| {r['name']} | {row['layer']} | {c['mi_bits']:.3f} | "
+                         f"{c['perm_mean']:.4f} / {c['perm_p99']:.4f} | "
+                         f"{row.get('mi_class_random_init', float('nan')):.3f} | "
+                         f"{row['class_entropy_bits']:.2f} | {d['mi_bits']:.3f} | "
+                         f"{d['perm_mean']:.4f} / {d['perm_p99']:.4f} | "
+                         f"{row['domain_entropy_bits']:.2f} |")
+    return lines + [""]
+
+
+README_HEAD = """# The tiny model zoo
+
+Written by `scripts/eval_zoo.py --write-readme` (edit the script, not this file).
+
+Four small causal language models trained by `scripts/train_zoo.py` with the settings in
+`zoo_config.json`: the same corpus (`data/corpus`, train split), the same 4096-token tokenizer
+(`tokenizer/`), the same number of tokens, sequence length, batch, optimiser and schedule, and
+about the same number of active parameters (embeddings counted), so that their validation
+bits per byte compare directly. Each folder holds `config.json`, `generation_config.json`,
+`model.safetensors` (bf16), `train_log.csv` and `train_meta.json` (device, wall time, versions,
+which Mamba path trained it). Load one with `effarch.models.load_model("tiny-mamba")` or
+`transformers.AutoModelForCausalLM.from_pretrained(<folder>)`. The saved Mamba and Jamba configs
+say `use_mambapy=False` (transformers' default path); training ran mambapy's parallel scan.
+
+Licence: the weights are derived from the corpus (see `data/corpus/README.md`).
+
+"""
+
+
+def fake_root(zoo: Path) -> Path:
+    """A repository root whose data/zoo holds ``zoo``'s models (symbolic links) and the real
+    tokenizer and corpus, for EFFARCH_ROOT: so models trained elsewhere load via load_model."""
+    real = profile.data_dir()
+    root = Path(tempfile.mkdtemp(prefix="zoo-eval-"))
+    (root / "data" / "zoo").mkdir(parents=True)
+    (root / "data" / "corpus").symlink_to(real / "corpus", target_is_directory=True)
+    (root / "data" / "zoo" / "tokenizer").symlink_to(real / "zoo" / "tokenizer",
+                                                      target_is_directory=True)
+    for name in models.ZOO_NAMES:
+        if (zoo / name).is_dir():
+            (root / "data" / "zoo" / name).symlink_to(zoo.resolve() / name,
+                                                       target_is_directory=True)
+    return root
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    final = json.loads(tz.CONFIG_FILE.read_text())["final_eval"]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--zoo", type=Path, help="a folder of models to evaluate instead of "
+                   "data/zoo (e.g. the output of train_zoo.py --smoke)")
+    p.add_argument("--only", help="comma-separated model names")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--window", type=int, default=final["window"])
+    p.add_argument("--stride", type=int, default=final["stride"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--permutations", type=int, default=200)
+    p.add_argument("--random-tokens", type=int, default=32768,
+                   help="tokens for the random-initialisation routing reference")
+    p.add_argument("--write-readme", action="store_true",
+                   help="write the report into <zoo>/README.md")
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    saved_root = os.environ.get("EFFARCH_ROOT")
+    readme = (args.zoo or profile.zoo_dir()) / "README.md"
+    root = fake_root(args.zoo) if args.zoo is not None else None
+    if root is not None:
+        os.environ["EFFARCH_ROOT"] = str(root)
+    try:
+        return _main(args, readme)
+    finally:
+        if saved_root is None:
+            os.environ.pop("EFFARCH_ROOT", None)
+        else:
+            os.environ["EFFARCH_ROOT"] = saved_root
+        if root is not None:
+            shutil.rmtree(root)  # symbolic links only: the models stay where they are
+
+
+def _main(args: argparse.Namespace, readme: Path) -> list[dict]:
+    start = time.perf_counter()
+    wanted = {n.strip() if n.strip().startswith("tiny-") else f"tiny-{n.strip()}"
+              for n in (args.only.split(",") if args.only else models.ZOO_NAMES)}
+    if wanted - set(models.ZOO_NAMES):
+        raise SystemExit(f"unknown model(s) {', '.join(sorted(wanted - set(models.ZOO_NAMES)))}"
+                         f"; choose from {', '.join(models.ZOO_NAMES)}")
+    names = [n for n in models.ZOO_NAMES if n in wanted]
+    missing = [n for n in names if not (profile.zoo_dir() / n / "model.safetensors").is_file()]
+    if missing:
+        raise SystemExit(f"not trained yet: {', '.join(missing)} (run scripts/train_zoo.py)")
+    tokenizer = data.load_tokenizer()
+    text = data.corpus_text("validation")
+    ids = tz.text_ids(tokenizer, text)
+    labels = token_labels(tokenizer, text, *char_labels(data.corpus_domains("validation")))
+    comp = compressors(text)
+    results = []
+    for name in names:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = evaluate(name, args, text, ids, labels)
+        print(f"{name}: {r['validation']['bits_per_byte']:.3f} bits/byte, loaded in "
+              f"{r['load_s']:.2f} s, scored in {r['eval_s']:.0f} s", flush=True)
+        results.append(r)
+    info = dict(bytes=len(text.encode("utf-8")), tokens=len(ids) - 1, window=args.window,
+                stride=args.stride, device=args.device, seed=args.seed,
+                new_tokens=args.new_tokens, random_tokens=args.random_tokens,
+                machine=platform.machine(), torch=torch.__version__,
+                transformers=transformers.__version__, date=date.today().isoformat())
+    report = format_report(results, comp, info)
+    print()
+    print(report)
+    slow = [r["name"] for r in results if r["load_s"] >= LOAD_LIMIT_S]
+    if slow:
+        print(f"WARNING: loading took {LOAD_LIMIT_S:.0f} s or more for {', '.join(slow)}")
+    if args.write_readme:
+        readme.write_text(README_HEAD + report, encoding="utf-8")
+        print(f"wrote {readme}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    print(f"eval_zoo: {time.perf_counter() - start:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
