@@ -144,3 +144,30 @@ def test_generator_refuses_other_models():
                       num_attention_heads=2, vocab_size=64)
     with pytest.raises(TypeError, match="MambaForCausalLM"):
         fast.MambaFastGenerator(LlamaForCausalLM(cfg))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 63, 1000])
+def test_triton_on_gpu_matches_reference(dtype, length):
+    t = {k: v.cuda() for k, v in _inputs(b=2, d=96, length=length, dtype=dtype).items()}
+    ref, ref_last = _call(ssm.selective_scan_ref, t, OPTIONS[2])
+    out, last = _call(fast.selective_scan_triton, t, OPTIONS[2])
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(last, ref_last, **tol)
+
+
+@cuda
+def test_graph_decode_on_gpu_matches_transformers():
+    model = _tiny_mamba().cuda()
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(3)).cuda()
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,
+                         min_new_tokens=64, do_sample=False)
+    gen = fast.MambaFastGenerator(model)
+    assert gen.use_graph and "CUDA graph" in gen.path
+    assert torch.equal(gen.generate(ids, 64), ref)
+    assert torch.equal(gen.generate(ids, 64), ref)  # a second run replays the same graph
