@@ -94,6 +94,18 @@ TRITON_SCRIPT = textwrap.dedent("""
         out = fast.selective_scan_triton(bf[0], bf[1], A, B.bfloat16(), C.bfloat16(), D=D,
                                          z=z.bfloat16(), delta_softplus=True)
         torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    # the fused decode step against the PyTorch step it replaces
+    from transformers import MambaConfig, MambaForCausalLM
+    torch.manual_seed(0)
+    m = MambaForCausalLM(MambaConfig(hidden_size=64, state_size=16, num_hidden_layers=2,
+                                     vocab_size=300)).eval()
+    ids = torch.randint(0, 300, (2, 9), generator=g)
+    plain = fast.MambaFastGenerator(m, kernels=False, use_graph=False)
+    fused = fast.MambaFastGenerator(m, kernels=True, use_graph=False)
+    assert "fused Triton step" in fused.path
+    assert torch.equal(plain.generate(ids, 12), fused.generate(ids, 12))
+    torch.testing.assert_close(fused.ssm, plain.ssm, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused.conv, plain.conv, atol=1e-5, rtol=1e-4)
     print("TRITON-INTERPRETER-OK")
 """)
 

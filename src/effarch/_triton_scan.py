@@ -132,3 +132,82 @@ def selective_scan_kernel(
             h,
             mask=mask_d[:, None] & mask_n[None, :],
         )
+
+
+# --- decode: one token per row, three fused kernels per layer (the GEMVs stay in cuBLAS) -----
+
+
+@triton.jit
+def add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, H, eps,
+                       HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr):
+    """h += delta (float32 residual stream); out = w · rmsnorm(h) as MambaRMSNorm rounds it."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < H
+    h = tl.load(h_ptr + row * H + offs, mask=mask, other=0.0)
+    if HAS_DELTA:
+        h += tl.load(delta_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(h_ptr + row * H + offs, h, mask=mask)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    x = h.to(w.dtype).to(tl.float32)  # the block casts the residual to the norm's dtype first
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+    y = (x * inv).to(w.dtype).to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * H + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def conv_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, Dm, s_xz,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """Shift the new input into the conv state (b, d, k); out = silu(conv · weight + bias)."""
+    row = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_d = offs_d < Dm
+    base = state_ptr + row * Dm * K + offs_d[:, None] * K
+    shifted = tl.load(base + offs_k[None, :] + 1,
+                      mask=mask_d[:, None] & (offs_k[None, :] + 1 < K), other=0.0)
+    x = tl.load(xz_ptr + row * s_xz + offs_d, mask=mask_d, other=0.0)
+    new = tl.where(offs_k[None, :] == K - 1, x[:, None], shifted)           # (BD, BK)
+    mask_dk = mask_d[:, None] & (offs_k[None, :] < K)
+    tl.store(base + offs_k[None, :], new, mask=mask_dk)
+    w = tl.load(w_ptr + offs_d[:, None] * K + offs_k[None, :], mask=mask_dk, other=0.0)
+    acc = tl.sum(new.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # conv1d's output dtype, then silu
+    tl.store(out_ptr + row * Dm + offs_d, (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty),
+             mask=mask_d)
+
+
+@triton.jit
+def ssm_step_kernel(x_ptr, z_ptr, dbc_ptr, wdt_ptr, bdt_ptr, A_ptr, Dp_ptr, state_ptr, out_ptr,
+                    Dm, R, N, s_z, s_dbc,
+                    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dt = softplus(W_dt · dt_low + b); h = exp(dt·A)·h + dt·x·B; y = (C·h + D·x)·silu(z)."""
+    row = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d, mask_r, mask_n = offs_d < Dm, offs_r < R, offs_n < N
+    low = tl.load(dbc_ptr + row * s_dbc + offs_r, mask=mask_r, other=0.0)
+    wdt = tl.load(wdt_ptr + offs_d[:, None] * R + offs_r[None, :],
+                  mask=mask_d[:, None] & mask_r[None, :], other=0.0)
+    dt = tl.sum(wdt.to(tl.float32) * low.to(tl.float32)[None, :], axis=1)
+    dt = dt.to(low.dtype).to(tl.float32)  # dt_proj's output dtype
+    dt += tl.load(bdt_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    Bv = tl.load(dbc_ptr + row * s_dbc + R + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(dbc_ptr + row * s_dbc + R + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * Dm + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0)
+    sp = state_ptr + row * Dm * N + offs_d[:, None] * N + offs_n[None, :]
+    h = tl.load(sp, mask=mask_dn, other=0.0)
+    h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(sp, h, mask=mask_dn)
+    y = tl.sum(h * Cv[None, :], axis=1)
+    y += tl.load(Dp_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
+    z = tl.load(z_ptr + row * s_z + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * Dm + offs_d, (y * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty),
+             mask=mask_d)

@@ -189,7 +189,8 @@ class MambaFastGenerator:
     replays one captured CUDA graph per token (``use_graph=False`` runs the same step eagerly).
     """
 
-    def __init__(self, model, *, use_graph: bool | None = None, backend: str = "auto"):
+    def __init__(self, model, *, use_graph: bool | None = None, backend: str = "auto",
+                 kernels: bool | None = None):
         cfg = model.config
         if getattr(cfg, "model_type", "") not in ("mamba", "falcon_mamba"):
             raise TypeError(f"MambaFastGenerator needs a MambaForCausalLM, got {type(model)}")
@@ -202,13 +203,16 @@ class MambaFastGenerator:
         self.rank = first.dt_proj.weight.shape[1]
         self.eps = cfg.layer_norm_epsilon
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        on_triton = triton_available() and (self.device.type == "cuda" or _interpreting())
+        self.kernels = on_triton if kernels is None else kernels
         self._A = [-torch.exp(blk.mixer.A_log.float()) for blk in self.layers]
         self._batch = None
         self._graph = None
 
     @property
     def path(self) -> str:
-        step = "CUDA graph" if self.use_graph else "eager"
+        step = ("fused Triton step, " if self.kernels else "") + (
+            "CUDA graph" if self.use_graph else "eager")
         scan = self.backend if self.backend != "auto" else (
             "triton" if self.device.type == "cuda" and triton_available() else "chunked")
         return f"effarch fast path ({scan} scan prefill, {step} decode)"
@@ -277,17 +281,53 @@ class MambaFastGenerator:
         h = _rms_norm(h, self.model.backbone.norm_f.weight, self.eps)
         return self.model.lm_head(h.to(self.dtype)).float()
 
+    def _step_kernels(self) -> torch.Tensor:
+        """The same step as :meth:`_step` in three Triton kernels a layer, plus the GEMVs."""
+        from effarch import _triton_scan as tk
+
+        b, H = self.token.shape[0], self.cfg.hidden_size
+        h = self.model.backbone.embeddings(self.token).float()              # (b, H) residual
+        x = torch.empty(b, H, device=self.device, dtype=self.dtype)
+        xs = torch.empty(b, self.d_inner, device=self.device, dtype=self.dtype)
+        y = torch.empty_like(xs)
+        bd, delta = 64, None
+        grid = (b, -(-self.d_inner // bd))
+        for i, blk in enumerate(self.layers):
+            mx = blk.mixer
+            tk.add_rmsnorm_kernel[(b,)](h, delta if delta is not None else h, blk.norm.weight, x,
+                                        H, self.eps, HAS_DELTA=delta is not None,
+                                        BLOCK_H=_next_pow2(H))
+            xz = mx.in_proj(x)                                               # (b, 2d)
+            bias = mx.conv1d.bias
+            tk.conv_step_kernel[grid](xz, self.conv[i], mx.conv1d.weight, bias if bias is not None
+                                      else xz, xs, self.d_inner, xz.stride(0), K=self.k,
+                                      HAS_BIAS=bias is not None, BLOCK_D=bd,
+                                      BLOCK_K=_next_pow2(self.k))
+            dbc = mx.x_proj(xs)                                              # (b, r + 2n)
+            tk.ssm_step_kernel[grid](xs, xz[:, self.d_inner:], dbc, mx.dt_proj.weight,
+                                     mx.dt_proj.bias, self._A[i], mx.D, self.ssm[i], y,
+                                     self.d_inner, self.rank, self.n, xz.stride(0),
+                                     dbc.stride(0), BLOCK_D=bd, BLOCK_R=_next_pow2(self.rank),
+                                     BLOCK_N=_next_pow2(self.n))
+            delta = mx.out_proj(y)
+        tk.add_rmsnorm_kernel[(b,)](h, delta, self.model.backbone.norm_f.weight, x, H, self.eps,
+                                    HAS_DELTA=True, BLOCK_H=_next_pow2(H))
+        return self.model.lm_head(x).float()
+
+    def _run_step(self) -> torch.Tensor:
+        return self._step_kernels() if self.kernels else self._step()
+
     def _capture(self) -> None:
         saved = (self.conv.clone(), self.ssm.clone())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up (allocator, cuBLAS handles) outside the graph
-                self._step()
+                self._run_step()
         torch.cuda.current_stream().wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self.logits = self._step()
+            self.logits = self._run_step()
         self.conv.copy_(saved[0])
         self.ssm.copy_(saved[1])
 
@@ -296,7 +336,7 @@ class MambaFastGenerator:
         """Feed one token per row (b,), return the next logits (b, V)."""
         self.token.copy_(token.view(-1))
         if not self.use_graph:
-            return self._step()
+            return self._run_step()
         if self._graph is None:
             self._capture()
         self._graph.replay()
