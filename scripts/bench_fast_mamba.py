@@ -36,7 +36,6 @@ def copy_bandwidth(device: str) -> float:
     src = torch.empty(2**29, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     t = bench.time_fn(lambda: dst.copy_(src), warmup=3, repeats=10, device=device)
-    del src, dst
     return 2 * 2**31 / t.median
 
 
@@ -99,11 +98,13 @@ def mamba_section(args, bw: float) -> None:
     ids = lambda b, n: torch.randint(0, vocab, (b, n), device=dev)  # noqa: E731
     gen = fast.MambaFastGenerator(model)
     with torch.no_grad():
-        t_fb = timed(lambda: model(ids(1, args.prefill_fallback)), dev, repeats=1, warmup=0)
+        x = ids(1, args.prefill_fallback)
+        t_fb = timed(lambda: model(x), dev, repeats=1, warmup=0)
     row(f"prefill {args.prefill_fallback} tokens, transformers fallback",
         args.prefill_fallback / t_fb, "tok/s", mamba_path_note(model))
     for n in args.lengths:
-        t = timed(lambda: gen.prefill(ids(1, n)), dev)
+        x = ids(1, n)
+        t = timed(lambda x=x: gen.prefill(x), dev)
         row(f"prefill {n} tokens, effarch fast path ({gen.path.split('(')[1].split(',')[0]})",
             n / t, "tok/s")
         if n == args.prefill_fallback:
@@ -116,7 +117,6 @@ def mamba_section(args, bw: float) -> None:
         row(f"peak prefill memory above the weights at {args.lengths[-1]}", extra / 1e9, "GB",
             f"{extra / wbytes:.2f}x the weights")
     decode_section(model, gen, ids, roof, dev, args)
-    del gen, model
     models.unload()
 
 
@@ -142,7 +142,7 @@ def decode_section(model, gen, ids, roof, dev, args) -> None:
         logits = gen.prefill(ids(b, 64))
         nxt = logits.argmax(-1)
         gen.step(nxt)  # captures the graph for this batch size
-        t = timed(lambda: [gen.step(nxt) for _ in range(args.tokens)], dev, repeats=3)
+        t = timed(lambda nxt=nxt: [gen.step(nxt) for _ in range(args.tokens)], dev, repeats=3)
         tps = b * args.tokens / t
         row(f"decode batch {b}, effarch fast path ({'graph' if gen.use_graph else 'eager'})",
             tps, "tok/s", f"{args.tokens / t / roof:.1%} of roofline per sequence")
@@ -161,7 +161,7 @@ def phi_section(args, bw: float) -> None:
     with torch.no_grad():
         for n in args.lengths:
             x = torch.randint(0, vocab, (1, n), device=dev)
-            t = timed(lambda: model(x, use_cache=False, logits_to_keep=1), dev)
+            t = timed(lambda x=x: model(x, use_cache=False, logits_to_keep=1), dev)
             row(f"prefill {n} tokens, SDPA (eager module)", n / t, "tok/s")
     prompt = torch.randint(0, vocab, (1, 64), device=dev)
     eager = bench.measure_generation(model, prompt, new_tokens=args.tokens, warmup=1, repeats=3)
@@ -169,7 +169,6 @@ def phi_section(args, bw: float) -> None:
         f"{eager.decode_tokens_per_s / roof:.1%} of roofline")
     if args.compile:
         fair_arm(model, prompt, roof, args)
-    del model
     models.unload()
 
 

@@ -6,8 +6,18 @@ over (Ā, B̄u) pairs; the tile's first state comes from the previous tile. Ā, 
 live only in registers: (b, d, l, n) is never written to memory.
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+# Tile shapes tried once per (d, n) on the first call; the fastest is kept (GPUs differ: an
+# H200 and a GB10 need not agree). The interpreter (CPU tests) runs one shape.
+_SCAN_CONFIGS = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=w)
+                 for bd, bl, w in [(4, 32, 4), (8, 32, 4), (8, 16, 4), (16, 16, 4), (4, 64, 4),
+                                   (8, 32, 8), (16, 32, 8), (2, 64, 2), (4, 16, 2)]]
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _SCAN_CONFIGS = [triton.Config({"BLOCK_D": 8, "BLOCK_L": 32}, num_warps=4)]
 
 
 @triton.jit
@@ -15,6 +25,7 @@ def combine(a1, b1, a2, b2):  # (a1, b1) ∘ (a2, b2) = (a1·a2, a2·b1 + b2)
     return a1 * a2, a2 * b1 + b2
 
 
+@triton.autotune(configs=_SCAN_CONFIGS, key=["Dm", "N"])
 @triton.jit
 def selective_scan_kernel(
     u_ptr,

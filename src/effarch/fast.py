@@ -147,9 +147,8 @@ def _next_pow2(x: int) -> int:
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                          delta_softplus=False, return_last_state=False, *, block_d: int = 8,
-                          block_l: int = 32, num_warps: int = 4):
-    """The Triton scan (forward only). B and C must be (b, n, l)."""
+                          delta_softplus=False, return_last_state=False):
+    """The Triton scan (forward only; tile shape autotuned on first use). B, C: (b, n, l)."""
     if not triton_available():
         raise RuntimeError("Triton is not installed; use backend='chunked'. "
                            "See TROUBLESHOOTING.md, section 'Mamba is slow'.")
@@ -159,7 +158,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     last = u.new_empty((b, d, n), dtype=torch.float32) if return_last_state else out
     dummy = u  # unused pointer arguments still need a tensor
     zz = z if z is not None else dummy
-    grid = (b, -(-d // block_d))
+    grid = lambda meta: (b, triton_cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     _triton_kernel()[grid](
         u, delta, A, B, C, D if D is not None else dummy, zz,
         delta_bias if delta_bias is not None else dummy, out, last, length, d, n,
@@ -167,8 +166,12 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
-        BLOCK_D=block_d, BLOCK_N=_next_pow2(n), BLOCK_L=block_l, num_warps=num_warps)
+        BLOCK_N=_next_pow2(n))
     return (out, last) if return_last_state else out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 # --- fast generation over an unmodified transformers Mamba -----------------------------------

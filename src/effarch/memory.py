@@ -255,3 +255,115 @@ def _resolve_config(name_or_config):
 
         return get_config(name_or_config)
     return name_or_config
+
+
+# --- inference state: the KV cache of attention layers and the state of Mamba layers --------
+
+
+def _attention_layers(cfg) -> int:
+    """How many layers keep a KV cache: all of them in a transformer, none in Mamba, the
+    attention layers of a Jamba-style hybrid."""
+    mt = getattr(cfg, "model_type", "")
+    if mt in ("mamba", "falcon_mamba"):
+        return 0
+    if mt == "jamba":
+        return sum(_jamba_is_attention(cfg, i) for i in range(cfg.num_hidden_layers))
+    return cfg.num_hidden_layers
+
+
+def _ssm_layers(cfg) -> int:
+    mt = getattr(cfg, "model_type", "")
+    if mt in ("mamba", "falcon_mamba"):
+        return cfg.num_hidden_layers
+    if mt == "jamba":
+        return cfg.num_hidden_layers - _attention_layers(cfg)
+    return 0
+
+
+def kv_cache_bytes(cfg, seq_len: int, batch: int = 1, dtype="bfloat16") -> int:
+    """Bytes of the KV cache after ``seq_len`` tokens: 2 (K and V) · layers · b · kv_heads ·
+    seq_len · head_dim · bytes per element — linear in the context length (lab 2.4.1, Part B).
+
+    Grouped-query attention stores ``num_key_value_heads`` heads; layers without attention
+    (Mamba, a hybrid's Mamba layers) store none. Sliding windows and MLA are not modelled.
+    """
+    heads = cfg.num_attention_heads if _attention_layers(cfg) else 0
+    kv_heads = _get(cfg, "num_key_value_heads", default=heads)
+    head_dim = _get(cfg, "head_dim", default=cfg.hidden_size // heads if heads else 0)
+    per_token = 2 * _attention_layers(cfg) * kv_heads * head_dim * dtype_bytes(dtype)
+    return int(per_token * seq_len * batch)
+
+
+def ssm_state_bytes(cfg, batch: int = 1, dtype="bfloat16", state_dtype="float32") -> int:
+    """Bytes of a Mamba model's inference state, whatever the context length (lab 2.4.1, Part B):
+    per Mamba layer a conv state (b, d, k) in ``dtype`` and an SSM state h (b, d, n) in
+    ``state_dtype``, with d = expand · hidden. mamba-ssm and transformers 5.24 keep h in float32
+    in a bf16 model; transformers 5.17's ``MambaCache`` stored it in the model's dtype.
+    """
+    d = _get(cfg, "mamba_expand", "expand", default=2) * cfg.hidden_size
+    n = _get(cfg, "mamba_d_state", "state_size", default=16)
+    k = _get(cfg, "mamba_d_conv", "conv_kernel", default=4)
+    per_layer = batch * d * (k * dtype_bytes(dtype) + n * dtype_bytes(state_dtype))
+    return int(_ssm_layers(cfg) * per_layer)
+
+
+@dataclass(frozen=True)
+class CacheBytes:
+    """Bytes held by a real cache object, by kind, and the dtype each kind is stored in."""
+
+    key_value: int
+    conv: int
+    ssm: int
+    dtypes: dict  # kind -> dtype name, e.g. {"ssm": "float32"}
+    tensors: int  # how many tensors were counted
+
+    @property
+    def total(self) -> int:
+        return self.key_value + self.conv + self.ssm
+
+
+# attribute names of cache tensors across transformers versions -> the kind they hold
+_CACHE_FIELDS = {"keys": "key_value", "values": "key_value", "key_cache": "key_value",
+                 "value_cache": "key_value", "conv_states": "conv", "ssm_states": "ssm",
+                 "recurrent_states": "ssm"}
+
+
+def _tensors(obj):
+    """Every tensor inside a tensor, list, tuple or dict (any nesting)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def measure_cache_bytes(cache) -> CacheBytes:
+    """Count the bytes of the tensors a model's cache really holds (``nbytes``, each tensor once).
+
+    Reads the names transformers uses: 5.24's ``DynamicCache.layers`` (``keys``/``values``,
+    ``conv_states``/``recurrent_states``), 5.17's ``MambaCache`` (``conv_states``/``ssm_states``
+    lists), older ``key_cache``/``value_cache`` lists, and the legacy tuple of (K, V) pairs.
+    """
+    holders = list(getattr(cache, "layers", None) or []) + [cache]
+    found: dict[str, list] = {"key_value": [], "conv": [], "ssm": []}
+    if isinstance(cache, (list, tuple)):  # legacy ((K, V), ...) per layer
+        found["key_value"] = list(_tensors(cache))
+    for holder in holders:
+        for name, kind in _CACHE_FIELDS.items():
+            found[kind] += list(_tensors(getattr(holder, name, None)))
+    seen, sizes, dtypes = set(), {k: 0 for k in found}, {}
+    for kind, tensors in found.items():
+        for t in tensors:
+            key = (t.data_ptr(), t.numel(), t.dtype) if t.numel() else id(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            sizes[kind] += t.numel() * t.element_size()
+            if t.numel():
+                dtypes[kind] = str(t.dtype).removeprefix("torch.")
+    return CacheBytes(sizes["key_value"], sizes["conv"], sizes["ssm"], dtypes, len(seen))

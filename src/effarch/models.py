@@ -13,7 +13,6 @@ import difflib
 import os
 import re
 import socket
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +137,7 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
               published_active=2.8e9,
               note="needs remote code that no longer runs on current transformers: opt-in only"),
 ]}
-for _name, _role in zip(ZOO_NAMES, ROLES):
+for _name, _role in zip(ZOO_NAMES, ROLES, strict=True):
     REGISTRY[_name] = ModelSpec(_name, _role, zoo=True,
                                 note="trained by scripts/train_zoo.py on data/corpus")
 
@@ -186,7 +185,7 @@ def tokenizer_path() -> Path:
 
 def get_config(name: str):
     """The transformers config of a registry model: published real size, or the zoo's own."""
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     spec = get_spec(name)
     if spec.zoo:
