@@ -183,3 +183,18 @@ def test_graph_decode_on_gpu_matches_transformers():
     assert gen.use_graph and "CUDA graph" in gen.path
     assert torch.equal(gen.generate(ids, 64), ref)
     assert torch.equal(gen.generate(ids, 64), ref)  # a second run replays the same graph
+
+
+def test_bench_measures_the_fast_path_with_the_same_protocol():
+    from effarch import bench
+
+    model = _tiny_mamba()
+    gen = fast.MambaFastGenerator(model, use_graph=False)
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(bench.greedy_decode(gen, ids, 10), bench.greedy_decode(model, ids, 10))
+    fast_r = bench.measure_generation(gen, ids, new_tokens=4, warmup=0, repeats=1)
+    slow_r = bench.measure_generation(model, ids, new_tokens=4, warmup=0, repeats=1)
+    assert fast_r.mamba_path.startswith("effarch fast path")
+    assert fast_r.model_class == "MambaFastGenerator(MambaForCausalLM)"
+    assert slow_r.mamba_path in ("sequential fallback", "mambapy parallel scan")
+    assert fast_r.decode_tokens_per_s > 0 and fast_r.new_tokens == 4

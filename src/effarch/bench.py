@@ -238,8 +238,8 @@ def mamba_path(model: torch.nn.Module) -> str:
     ``config.use_mambapy`` and mambapy is installed, and a Python loop over the sequence
     otherwise. A decode step (one token) always uses the single-step state update.
     """
-    if getattr(model, "_effarch_fast", False):  # set by effarch.fast
-        return "effarch fast path"
+    if _is_fast(model):  # an effarch.fast generator over a transformers Mamba
+        return model.path
     mixers = mamba_mixers(model)
     if not mixers:
         return "n/a"
@@ -282,17 +282,27 @@ def available_mamba_paths() -> dict[str, bool | str]:
 # greedy prefill and decode over the model's cache
 # --------------------------------------------------------------------------------------------
 
+def _is_fast(model) -> bool:
+    """An ``effarch.fast.MambaFastGenerator`` (measured with the same protocol as a model)."""
+    return hasattr(model, "prefill") and hasattr(model, "step") and hasattr(model, "path")
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
+    if _is_fast(model):
+        return model.device
     return next(model.parameters()).device
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    if _is_fast(model):
+        return model.dtype
     return next(model.parameters()).dtype
 
 
 @contextlib.contextmanager
 def _inference(model: torch.nn.Module):
     """``eval()`` (no dropout; Mamba's training path differs) and no autograd, then restore."""
+    model = model.model if _is_fast(model) else model
     was_training = model.training
     model.eval()
     try:
@@ -316,6 +326,8 @@ class DecodeState:
 
 
 def _forward_params(model: torch.nn.Module) -> set[str]:
+    if _is_fast(model):
+        return set()
     return set(inspect.signature(model.forward).parameters)
 
 
@@ -337,6 +349,10 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     """One forward over the prompt ``input_ids`` (b, l): the first generated token (b, 1) and
     the state to decode from. Call under ``torch.no_grad()``. ``params``, the forward's
     parameter names, can be passed in to keep reading the signature out of a timed region."""
+    if _is_fast(model):
+        logits = model.prefill(input_ids)
+        return logits.argmax(-1, keepdim=True), DecodeState("effarch.fast", None,
+                                                            input_ids.shape[1], False, None, None)
     params = _forward_params(model) if params is None else params
     kwargs = {"use_cache": True}
     if "logits_to_keep" in params:  # as generate() does: only the last position's logits
@@ -359,6 +375,9 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
 
 def decode_step(model, state: DecodeState, token: torch.Tensor) -> torch.Tensor:
     """Feed the last token (b, 1), update ``state`` in place, return the next token (b, 1)."""
+    if _is_fast(model):
+        state.past_length += 1
+        return model.step(token.view(-1)).argmax(-1, keepdim=True)
     kwargs = {"use_cache": True, state.cache_name: state.cache}
     if state.pass_cache_position:
         kwargs["cache_position"] = torch.tensor([state.past_length], device=token.device)
@@ -478,7 +497,10 @@ def _transformers_version() -> str:
 
 
 def _record(model, device, label) -> dict:
-    return {"label": label, "model_class": type(model).__name__, "device": str(device),
+    cls = type(model).__name__
+    if _is_fast(model):
+        cls = f"{cls}({type(model.model).__name__})"
+    return {"label": label, "model_class": cls, "device": str(device),
             "dtype": str(_model_dtype(model)).removeprefix("torch."),
             "profile": _profile_name(), "mamba_path": mamba_path(model),
             "torch_version": torch.__version__,
@@ -725,3 +747,93 @@ def evaluate_text(model, tokenizer, text: str, max_length: int, stride: int,
     res.n_bytes = len(text.encode("utf-8"))
     res.bits_per_byte = bits_per_byte(res.nll_per_token, res.tokens_scored, res.n_bytes)
     return res
+
+
+# --------------------------------------------------------------------------------------------
+# the effarch fast Mamba path under the same protocol
+# --------------------------------------------------------------------------------------------
+
+def _timed_fast_generation(generator, input_ids, new_tokens, device, after=None):
+    """`_timed_generation` for a `MambaFastGenerator`: (ttft s, decode s, per-step s)."""
+    synchronize(device)
+    start = _clock()
+    token = generator.prefill(input_ids).argmax(dim=-1)  # (b,)
+    synchronize(device)
+    decode_start = last = _clock()
+    steps = []
+    for _ in range(new_tokens - 1):
+        token = generator.step(token).argmax(dim=-1)  # (b,)
+        synchronize(device)
+        now = _clock()
+        steps.append(now - last)
+        last = now
+    if after is not None:
+        after()
+    return decode_start - start, last - decode_start, steps
+
+
+def measure_fast_generation(generator, input_ids: torch.Tensor, *, new_tokens: int = 32,
+                            warmup: int = 1, repeats: int = 3,
+                            label: str | None = None) -> GenerationResult:
+    """`measure_generation` for an ``effarch.fast.MambaFastGenerator`` (lab 2.4.1, Part C): the
+    same protocol and result, with ``mamba_path`` naming the fast path that ran (its prefill
+    scan and its decode mode). The warm-up also captures the CUDA graph, outside the timing."""
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2: the first token comes from the prefill")
+    device = generator.device
+    input_ids = input_ids.to(device)
+    meter = _MemoryMeter(device)
+    runs = []
+    for i in range(warmup + repeats):
+        last = i == warmup + repeats - 1
+        run = _timed_fast_generation(generator, input_ids, new_tokens, device,
+                                     meter.sample if last else None)
+        if i >= warmup:
+            runs.append(run)
+    res = _generation_result(generator.model, input_ids, new_tokens, runs, meter, warmup, label)
+    res.mamba_path = generator.path
+    return res
+
+
+def fast_context_sweep(generator, make_input_ids: Callable[[int], torch.Tensor] | None = None,
+                       lengths: Sequence[int] = (), *, tokenizer=None, text: str | None = None,
+                       new_tokens: int = 32, batch_size: int = 1, progress: bool = True,
+                       **kw) -> pd.DataFrame:
+    """`context_sweep` for a `MambaFastGenerator`: the same prompts and the same columns, one
+    row per length (Mamba has no position limit; out of memory gives a ``skipped`` reason).
+    ``kw`` goes to `measure_fast_generation`."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    make = _input_maker(generator.model, make_input_ids, tokenizer, text, batch_size)
+    rows = []
+    for length in tqdm(list(lengths), desc="fast-path sweep", disable=not progress):
+        try:
+            res = measure_fast_generation(generator, make(length), new_tokens=new_tokens, **kw)
+            rows.append({**res.to_dict(), "skipped": None})
+        except _OOM_ERRORS as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            rows.append({**_record(generator.model, generator.device, kw.get("label")),
+                         "mamba_path": generator.path, "batch_size": batch_size,
+                         "prompt_length": length, "new_tokens": new_tokens,
+                         "skipped": f"out of memory ({type(exc).__name__})"})
+    columns = [f.name for f in fields(GenerationResult)] + ["skipped"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def returned_cache(out):
+    """The cache a forward with ``use_cache=True`` returned, whatever this transformers version
+    calls it (5.24: ``cache``; 5.17: ``past_key_values``, Mamba ``cache_params``); None if none."""
+    for name in ("cache", "past_key_values", "cache_params"):  # the current name first: the
+        cache = getattr(out, name, None)                      # old ones warn on 5.24
+        if cache is not None:
+            return cache
+    return None
+
+
+def decode_tokens_per_s(total_s: float, ttft_s: float, batch_size: int, new_tokens: int) -> float:
+    """Decode throughput from a generation's total time and its time to first token: the
+    b·(n − 1) tokens generated after the first, over the decode time total − ttft (the
+    definition of ``GenerationResult.decode_tokens_per_s``; lab 2.4.1, Part C)."""
+    return batch_size * (new_tokens - 1) / (total_s - ttft_s)
