@@ -83,10 +83,11 @@ TRITON_SCRIPT = textwrap.dedent("""
             args = (u, delta, A, B, C)
             ref, rl = ssm.selective_scan_ref(*args, delta_softplus=softplus,
                                              return_last_state=True, **kw)
-            out, last = fast.selective_scan_triton(*args, delta_softplus=softplus,
-                                                   return_last_state=True, **kw)
-            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(last, rl, atol=1e-5, rtol=1e-4)
+            for chunk in (None, 64):  # one pass; chunks scanned apart, then chained
+                out, last = fast.selective_scan_triton(*args, delta_softplus=softplus,
+                                                       return_last_state=True, chunk=chunk, **kw)
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(last, rl, atol=1e-5, rtol=1e-4)
         # bf16 inputs, as a bf16 model passes them
         bf = [x.bfloat16() for x in (u, delta)]
         ref = ssm.selective_scan_ref(bf[0], bf[1], A, B.bfloat16(), C.bfloat16(), D=D,
@@ -162,12 +163,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
+@pytest.mark.parametrize("chunk", [None, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("length", [1, 63, 1000])
-def test_triton_on_gpu_matches_reference(dtype, length):
+@pytest.mark.parametrize("length", [1, 63, 1000, 5000])
+def test_triton_on_gpu_matches_reference(dtype, length, chunk):
     t = {k: v.cuda() for k, v in _inputs(b=2, d=96, length=length, dtype=dtype).items()}
     ref, ref_last = _call(ssm.selective_scan_ref, t, OPTIONS[2])
-    out, last = _call(fast.selective_scan_triton, t, OPTIONS[2])
+    out, last = _call(fast.selective_scan_triton, t, OPTIONS[2], chunk=chunk)
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(out.float(), ref.float(), **tol)
     torch.testing.assert_close(last, ref_last, **tol)

@@ -25,7 +25,7 @@ def combine(a1, b1, a2, b2):  # (a1, b1) ∘ (a2, b2) = (a1·a2, a2·b1 + b2)
     return a1 * a2, a2 * b1 + b2
 
 
-@triton.autotune(configs=_SCAN_CONFIGS, key=["Dm", "N"])
+@triton.autotune(configs=_SCAN_CONFIGS, key=["Dm", "N", "MODE"])
 @triton.jit
 def selective_scan_kernel(
     u_ptr,
@@ -38,9 +38,13 @@ def selective_scan_kernel(
     bias_ptr,
     out_ptr,
     last_ptr,
+    h0_ptr,
+    stats_ptr,
     L,
     Dm,
     N,
+    CHUNK,
+    NCHUNK,
     s_ub,
     s_ud,
     s_ul,
@@ -66,12 +70,20 @@ def selective_scan_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     STORE_LAST: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
+    # MODE 0: one pass over the whole sequence. A long sequence is split into NCHUNK chunks of
+    # CHUNK steps for parallelism: MODE 1 scans each chunk from a zero state and stores its end
+    # state and its decay exp(A·ΣΔ); the host chains those into each chunk's first state h0;
+    # MODE 2 scans each chunk again from h0 and writes the output.
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    l_start = pid_c * CHUNK
+    l_end = tl.minimum(L, l_start + CHUNK)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,)
     offs_n = tl.arange(0, BLOCK_N)  # (BN,)
     mask_d = offs_d < Dm
@@ -85,10 +97,16 @@ def selective_scan_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # the state, (BD, BN)
-    for l0 in range(0, L, BLOCK_L):
+    m_dn = mask_d[:, None] & mask_n[None, :]
+    chunk_off = ((pid_b * NCHUNK + pid_c) * Dm + offs_d[:, None]) * N + offs_n[None, :]
+    if MODE == 2:
+        h = tl.load(h0_ptr + chunk_off, mask=m_dn, other=0.0)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # the state, (BD, BN)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for l0 in range(l_start, l_end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)  # (BL,)
-        mask_l = offs_l < L
+        mask_l = offs_l < l_end
         m_dl = mask_d[:, None] & mask_l[None, :]
         m_nl = mask_n[:, None] & mask_l[None, :]
         u = tl.load(
@@ -111,38 +129,46 @@ def selective_scan_kernel(
             mask=m_nl,
             other=0.0,
         ).to(tl.float32)  # (BN, BL)
-        Ct = tl.load(
-            C_ptr + pid_b * s_Cb + offs_n[:, None] * s_Cn + offs_l[None, :] * s_Cl,
-            mask=m_nl,
-            other=0.0,
-        ).to(tl.float32)
         dA = tl.exp(dt[:, None, :] * A[:, :, None])  # (BD, BN, BL)
         dBu = (dt * u)[:, None, :] * Bt[None, :, :]  # (BD, BN, BL)
         cA, cB = tl.associative_scan((dA, dBu), 2, combine)
         hs = cA * h[:, :, None] + cB  # states of this tile
-        y = tl.sum(hs * Ct[None, :, :], axis=1)  # (BD, BL)
         last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[None, None, :]
         h = tl.sum(tl.where(last, hs, 0.0), axis=2)
-        if HAS_D:
-            y += Dv[:, None] * u
-        if HAS_Z:
-            zz = tl.load(
-                z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + offs_l[None, :] * s_zl,
-                mask=m_dl,
+        if MODE == 1:
+            dt_sum += tl.sum(dt, axis=1)
+        else:
+            Ct = tl.load(
+                C_ptr + pid_b * s_Cb + offs_n[:, None] * s_Cn + offs_l[None, :] * s_Cl,
+                mask=m_nl,
                 other=0.0,
             ).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(
-            out_ptr + pid_b * s_ob + offs_d[:, None] * s_od + offs_l[None, :] * s_ol,
-            y.to(out_ptr.dtype.element_ty),
-            mask=m_dl,
-        )
-    if STORE_LAST:
-        tl.store(
-            last_ptr + pid_b * Dm * N + offs_d[:, None] * N + offs_n[None, :],
-            h,
-            mask=mask_d[:, None] & mask_n[None, :],
-        )
+            y = tl.sum(hs * Ct[None, :, :], axis=1)  # (BD, BL)
+            if HAS_D:
+                y += Dv[:, None] * u
+            if HAS_Z:
+                zz = tl.load(
+                    z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + offs_l[None, :] * s_zl,
+                    mask=m_dl,
+                    other=0.0,
+                ).to(tl.float32)
+                y = y * zz * tl.sigmoid(zz)
+            tl.store(
+                out_ptr + pid_b * s_ob + offs_d[:, None] * s_od + offs_l[None, :] * s_ol,
+                y.to(out_ptr.dtype.element_ty),
+                mask=m_dl,
+            )
+    if MODE == 1:  # the chunk's end state and its decay exp(A·ΣΔ), side by side
+        half = tl.num_programs(0) * NCHUNK * Dm * N
+        tl.store(stats_ptr + chunk_off, h, mask=m_dn)
+        tl.store(stats_ptr + half + chunk_off, tl.exp(A * dt_sum[:, None]), mask=m_dn)
+    elif STORE_LAST:
+        if pid_c == NCHUNK - 1:
+            tl.store(
+                last_ptr + pid_b * Dm * N + offs_d[:, None] * N + offs_n[None, :],
+                h,
+                mask=m_dn,
+            )
 
 
 # --- decode: one token per row, three fused kernels per layer (the GEMVs stay in cuBLAS) -----

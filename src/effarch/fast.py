@@ -147,26 +147,43 @@ def _next_pow2(x: int) -> int:
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                          delta_softplus=False, return_last_state=False):
-    """The Triton scan (forward only; tile shape autotuned on first use). B, C: (b, n, l)."""
+                          delta_softplus=False, return_last_state=False, *,
+                          chunk: int | None = None):
+    """The Triton scan (forward only; tile shape autotuned on first use). B, C: (b, n, l).
+
+    A long sequence is cut into chunks scanned in parallel (``chunk`` steps each, a multiple
+    of 64; default: about one chunk per 1,024 steps, at most 64), then chained.
+    """
     if not triton_available():
         raise RuntimeError("Triton is not installed; use backend='chunked'. "
                            "See TROUBLESHOOTING.md, section 'Mamba is slow'.")
     b, d, length = u.shape
     n = A.shape[-1]
+    if chunk is None:
+        chunk = 64 * triton_cdiv(triton_cdiv(length, min(64, max(1, length // 1024))), 64)
+    n_chunks = triton_cdiv(length, chunk)
     out = torch.empty_like(u)
     last = u.new_empty((b, d, n), dtype=torch.float32) if return_last_state else out
     dummy = u  # unused pointer arguments still need a tensor
     zz = z if z is not None else dummy
-    grid = lambda meta: (b, triton_cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-    _triton_kernel()[grid](
-        u, delta, A, B, C, D if D is not None else dummy, zz,
-        delta_bias if delta_bias is not None else dummy, out, last, length, d, n,
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(),
-        *out.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
-        BLOCK_N=_next_pow2(n))
+    args = [u, delta, A, B, C, D if D is not None else dummy, zz,
+            delta_bias if delta_bias is not None else dummy, out, last]
+    sizes = [length, d, n, chunk, n_chunks, *u.stride(), *delta.stride(), *A.stride(),
+             *B.stride(), *C.stride(), *zz.stride(), *out.stride()]
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
+                 BLOCK_N=_next_pow2(n))
+    grid = lambda meta: (b, triton_cdiv(d, meta["BLOCK_D"]), n_chunks)  # noqa: E731
+    kernel = _triton_kernel()
+    if n_chunks == 1:
+        kernel[grid](*args, dummy, dummy, *sizes, MODE=0, **flags)
+    else:
+        stats = u.new_empty((2, b, n_chunks, d, n), dtype=torch.float32)
+        kernel[grid](*args, dummy, stats, *sizes, MODE=1, **flags)
+        h0 = torch.zeros_like(stats[0])                     # (b, chunks, d, n)
+        for c in range(1, n_chunks):  # chain: h0[c] = decay[c-1] · h0[c-1] + end[c-1]
+            torch.addcmul(stats[0][:, c - 1], stats[1][:, c - 1], h0[:, c - 1], out=h0[:, c])
+        kernel[grid](*args, h0, dummy, *sizes, MODE=2, **flags)
     return (out, last) if return_last_state else out
 
 
