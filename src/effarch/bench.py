@@ -750,77 +750,8 @@ def evaluate_text(model, tokenizer, text: str, max_length: int, stride: int,
 
 
 # --------------------------------------------------------------------------------------------
-# the effarch fast Mamba path under the same protocol
+# small helpers of the labs
 # --------------------------------------------------------------------------------------------
-
-def _timed_fast_generation(generator, input_ids, new_tokens, device, after=None):
-    """`_timed_generation` for a `MambaFastGenerator`: (ttft s, decode s, per-step s)."""
-    synchronize(device)
-    start = _clock()
-    token = generator.prefill(input_ids).argmax(dim=-1)  # (b,)
-    synchronize(device)
-    decode_start = last = _clock()
-    steps = []
-    for _ in range(new_tokens - 1):
-        token = generator.step(token).argmax(dim=-1)  # (b,)
-        synchronize(device)
-        now = _clock()
-        steps.append(now - last)
-        last = now
-    if after is not None:
-        after()
-    return decode_start - start, last - decode_start, steps
-
-
-def measure_fast_generation(generator, input_ids: torch.Tensor, *, new_tokens: int = 32,
-                            warmup: int = 1, repeats: int = 3,
-                            label: str | None = None) -> GenerationResult:
-    """`measure_generation` for an ``effarch.fast.MambaFastGenerator`` (lab 2.4.1, Part C): the
-    same protocol and result, with ``mamba_path`` naming the fast path that ran (its prefill
-    scan and its decode mode). The warm-up also captures the CUDA graph, outside the timing."""
-    if new_tokens < 2:
-        raise ValueError("new_tokens must be at least 2: the first token comes from the prefill")
-    device = generator.device
-    input_ids = input_ids.to(device)
-    meter = _MemoryMeter(device)
-    runs = []
-    for i in range(warmup + repeats):
-        last = i == warmup + repeats - 1
-        run = _timed_fast_generation(generator, input_ids, new_tokens, device,
-                                     meter.sample if last else None)
-        if i >= warmup:
-            runs.append(run)
-    res = _generation_result(generator.model, input_ids, new_tokens, runs, meter, warmup, label)
-    res.mamba_path = generator.path
-    return res
-
-
-def fast_context_sweep(generator, make_input_ids: Callable[[int], torch.Tensor] | None = None,
-                       lengths: Sequence[int] = (), *, tokenizer=None, text: str | None = None,
-                       new_tokens: int = 32, batch_size: int = 1, progress: bool = True,
-                       **kw) -> pd.DataFrame:
-    """`context_sweep` for a `MambaFastGenerator`: the same prompts and the same columns, one
-    row per length (Mamba has no position limit; out of memory gives a ``skipped`` reason).
-    ``kw`` goes to `measure_fast_generation`."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    make = _input_maker(generator.model, make_input_ids, tokenizer, text, batch_size)
-    rows = []
-    for length in tqdm(list(lengths), desc="fast-path sweep", disable=not progress):
-        try:
-            res = measure_fast_generation(generator, make(length), new_tokens=new_tokens, **kw)
-            rows.append({**res.to_dict(), "skipped": None})
-        except _OOM_ERRORS as exc:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            rows.append({**_record(generator.model, generator.device, kw.get("label")),
-                         "mamba_path": generator.path, "batch_size": batch_size,
-                         "prompt_length": length, "new_tokens": new_tokens,
-                         "skipped": f"out of memory ({type(exc).__name__})"})
-    columns = [f.name for f in fields(GenerationResult)] + ["skipped"]
-    return pd.DataFrame(rows, columns=columns)
-
 
 def returned_cache(out):
     """The cache a forward with ``use_cache=True`` returned, whatever this transformers version

@@ -136,6 +136,7 @@ def clear_caches() -> None:
     _load_split.cache_clear()
     corpus_text.cache_clear()
     load_tokenizer.cache_clear()
+    long_document.cache_clear()
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,3 +152,30 @@ def load_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+
+
+# --- the long document (lab 2.4.1, Part D) -------------------------------------------------
+
+
+def long_document_dir() -> Path:
+    return profile.data_dir() / "long_document"
+
+
+@functools.cache
+def long_document() -> Document:
+    """The long public-domain document of ``data/long_document/`` (docutils' ``nodes.py``,
+    ~81 KB of Python), checked against its manifest's SHA-256; provenance in its README."""
+    folder = long_document_dir()
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        raw = (folder / manifest["file"]).read_bytes()
+    except FileNotFoundError as e:
+        raise MissingDataError(f"The long document's file {e.filename} is missing; restore "
+                               f"data/long_document/ with git. {_HELP}") from None
+    except (ValueError, KeyError) as e:
+        raise MissingDataError(f"{folder / 'manifest.json'} is corrupt ({e!r}); restore it with "
+                               f"git. {_HELP}") from None
+    if hashlib.sha256(raw).hexdigest() != manifest["sha256"]:
+        raise MissingDataError(f"{folder / manifest['file']} is corrupt (its sha256 does not "
+                               f"match manifest.json); restore it with git. {_HELP}")
+    return Document(manifest["domain"], manifest["source"], raw.decode("utf-8"))
