@@ -417,22 +417,38 @@ class Run:
         return nll / n
 
     def train_step(self) -> tuple[float, float | None]:
+        """One optimiser step; returns (cross-entropy, auxiliary loss or None)."""
         x = self.sampler.batch(self.step).to(self.device, non_blocking=True)  # (b, l)
         extra = {"output_router_logits": True} if self.moe else {}
         with autocast(self.device):
             out = self.model(input_ids=x, labels=x, use_cache=False, **extra)
+        ce, aux = out.loss, None
+        if self.moe:  # out.loss = CE + coef * aux (Mixtral/Jamba ForCausalLM)
+            coef = self.cfg.router_aux_loss_coef
+            ce = out.loss - coef * out.aux_loss
+            aux = self.aux_loss(out)
+        loss = ce if aux is None else ce + self.cfg.router_aux_loss_coef * aux
         self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                        self.settings["optimizer"]["grad_clip"])
         self.opt.step()
         self.sched.step()
         self.step += 1
-        loss = out.loss.item()
-        if self.moe:  # out.loss = CE + coef * aux (Mixtral/Jamba ForCausalLM)
-            aux = out.aux_loss.item()
-            return loss - self.cfg.router_aux_loss_coef * aux, aux
-        return loss, None
+        return ce.item(), None if aux is None else aux.item()
+
+    def aux_loss(self, out) -> torch.Tensor:
+        """The load-balancing loss: transformers' own (``out.aux_loss``: f and P pooled over all
+        MoE layers, so one layer's dead experts can hide behind another's busy ones), or with
+        ``"aux_loss": "per_layer"`` in the model's entry of zoo_config.json the same function
+        applied to each layer and averaged (Switch Transformer's per-layer form; 2.0 = uniform
+        top-2 either way)."""
+        if self.settings["models"][self.name].get("aux_loss", "pooled") == "pooled":
+            return out.aux_loss
+        lb = sys.modules[type(self.model).__module__].load_balancing_loss_func
+        e, k = self.cfg.num_local_experts if self.cfg.model_type == "mixtral" \
+            else self.cfg.num_experts, self.cfg.num_experts_per_tok
+        return torch.stack([lb((g,), e, k) for g in out.router_logits]).mean()
 
 
 def _probe(run: Run) -> None:
