@@ -248,5 +248,6 @@ def test_per_layer_aux_loss_option(tz, tmp_path):
     run = tz.Run("tiny-moe", settings, torch.device("cpu"), tmp_path, None, sampler, None, None)
     ce, aux = run.train_step()
     assert math.isfinite(ce) and 1.0 < aux < 8.0  # top-2 routing: about 2 near uniform
-    assert tz.fingerprint("tiny-moe", settings) != tz.fingerprint("tiny-moe", tz.load_settings(
-        smoke=True))
+    pooled = tz.load_settings(smoke=True)
+    pooled["models"]["tiny-moe"]["aux_loss"] = "pooled"
+    assert tz.fingerprint("tiny-moe", settings) != tz.fingerprint("tiny-moe", pooled)
