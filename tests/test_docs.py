@@ -34,3 +34,20 @@ def test_readme_starts_with_the_two_commands():
     block = text.split("```bash", 1)[1].split("```", 1)[0]
     cmds = [line.split("#")[0].strip() for line in block.strip().splitlines()]
     assert cmds == ["make lab", "make test"]
+
+
+def test_labs_are_generated_from_the_solutions():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_labs.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_notebook_environment(monkeypatch):
+    from effarch import testing
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    sol = testing.notebook_env(ROOT / "solutions" / "x-solution.ipynb")
+    lab = testing.notebook_env(ROOT / "labs" / "x.ipynb")
+    assert sol["EFFARCH_STRICT"] == "1" and lab["EFFARCH_STRICT"] == "0"
+    assert sol["EFFARCH_PROFILE"] == lab["EFFARCH_PROFILE"] == "tiny"
+    assert sol["HF_HUB_OFFLINE"] == "1" and int(sol["OMP_NUM_THREADS"]) >= 1

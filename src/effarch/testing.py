@@ -11,13 +11,28 @@ import os
 from pathlib import Path
 
 
+def _threads_per_worker() -> int | None:
+    """Cores per xdist worker; None outside xdist. Two workers each running torch on every core
+    were seen to slow one another 50-80x on a 2-core machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+
+
+def pytest_configure(config) -> None:
+    threads = _threads_per_worker()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def notebook_env(path: Path) -> dict[str, str]:
     """The environment a notebook runs under in CI."""
     env = {"EFFARCH_PROFILE": "tiny", "HF_HUB_OFFLINE": "1",
            "EFFARCH_STRICT": "1" if path.parent.name == "solutions" else "0"}
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:  # each worker's kernel gets its share of the cores
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    threads = _threads_per_worker()
+    if threads is not None:  # each worker's kernel gets its share of the cores
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
