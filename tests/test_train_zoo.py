@@ -17,15 +17,6 @@ from effarch import memory, profile
 SCRIPT = profile.repo_root() / "scripts" / "train_zoo.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one CPU thread is faster than several on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tz():
     spec = importlib.util.spec_from_file_location("train_zoo", SCRIPT)
