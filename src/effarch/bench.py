@@ -274,8 +274,18 @@ def available_mamba_paths() -> dict[str, bool | str]:
         "mamba-ssm kernels": bool(mamba_ssm) and cuda,
         "mambapy parallel scan": _mambapy_available(),
         "sequential fallback": True,
-        "effarch fast path": importlib.util.find_spec("effarch.fast") is not None,
+        "effarch fast path": _fast_path_description(cuda),
     }
+
+
+def _fast_path_description(cuda: bool) -> str:
+    """What ``effarch.fast`` would run here (prefill scan, decode step)."""
+    triton = importlib.util.find_spec("triton") is not None
+    if cuda and triton:
+        return "yes: Triton scan prefill, fused Triton decode step in a CUDA graph"
+    if cuda:
+        return "yes: chunked PyTorch scan prefill, CUDA-graph decode (Triton missing)"
+    return "yes: chunked PyTorch scan prefill, eager decode (no CUDA GPU)"
 
 
 # --------------------------------------------------------------------------------------------
