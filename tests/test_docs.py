@@ -51,3 +51,15 @@ def test_notebook_environment(monkeypatch):
     assert sol["EFFARCH_STRICT"] == "1" and lab["EFFARCH_STRICT"] == "0"
     assert sol["EFFARCH_PROFILE"] == lab["EFFARCH_PROFILE"] == "tiny"
     assert sol["HF_HUB_OFFLINE"] == "1" and int(sol["OMP_NUM_THREADS"]) >= 1
+
+
+def test_run_notebook_executes_code_cells_in_order(tmp_path):
+    nb = {"cells": [{"cell_type": "markdown", "source": ["# t"]},
+                    {"cell_type": "code", "source": ["x = 2\n"]},
+                    {"cell_type": "code", "source": ["print('x is', x * 21)"]}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "t.ipynb"
+    path.write_text(__import__("json").dumps(nb))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_notebook.py"), str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "x is 42" in r.stdout and "--- cell 2" in r.stdout, r.stderr

@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Run a notebook's code cells in order, in one namespace, without Jupyter (e.g. on a GPU
+machine that has PyTorch but no Jupyter), printing each cell's start time.
+
+    EFFARCH_PROFILE=full EFFARCH_WEIGHTS=random EFFARCH_STRICT=1 \\
+        python scripts/run_notebook.py solutions/lab-2.4.1-mamba-inference-solution.ipynb
+
+Plots go to matplotlib's Agg backend (nothing is shown); widgets fall back to plain calls
+(effarch.plots.explore). IPython magics are not supported: the course's notebooks have none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def code_cells(path: Path) -> list[tuple[int, str]]:
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    return [(i, "".join(c["source"])) for i, c in enumerate(nb["cells"])
+            if c["cell_type"] == "code"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("notebook", type=Path)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    os.chdir(args.notebook.resolve().parent)  # as Jupyter and nbmake run it
+    namespace: dict = {"__name__": "__main__"}
+    start = time.perf_counter()
+    for index, source in code_cells(args.notebook.resolve()):
+        print(f"--- cell {index} at {time.perf_counter() - start:.1f} s", flush=True)
+        exec(compile(source, f"{args.notebook.name}[{index}]", "exec"), namespace)
+    print(f"--- done in {time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
