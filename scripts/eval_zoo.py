@@ -241,7 +241,8 @@ def evaluate(name: str, args, text: str, ids: torch.Tensor,
         reference = random_router_mi(cfg, ids, labels[0], args)
         for row, mi in zip(result["routing"], reference, strict=True):
             row["mi_class_random_init"] = mi
-    models.unload(model)
+    del model
+    models.unload()
     return result
 
 
@@ -270,7 +271,8 @@ def random_router_mi(cfg, ids: torch.Tensor, cls: np.ndarray, args) -> list[floa
     e = n_experts(cfg)
     result = [mutual_information(np.concatenate([t[i] for t in tops]).astype(np.int64), labels,
                                  e, len(CLASSES)) for i in range(len(tops[0]))]
-    models.unload(model)
+    del model
+    models.unload()
     return result
 
 

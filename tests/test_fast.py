@@ -200,3 +200,11 @@ def test_bench_measures_the_fast_path_with_the_same_protocol():
     assert fast_r.model_class == "MambaFastGenerator(MambaForCausalLM)"
     assert slow_r.mamba_path in ("sequential fallback", "mambapy parallel scan")
     assert fast_r.decode_tokens_per_s > 0 and fast_r.new_tokens == 4
+
+
+def test_grouped_b_and_c_go_to_the_reference():
+    t = _inputs(b=1, d=4, length=9, n=3)
+    B = t["B"][:, None].expand(1, 2, 3, 9)  # (b, g, n, l): two groups of two channels
+    C = t["C"][:, None].expand(1, 2, 3, 9)
+    ref = ssm.selective_scan_ref(t["u"], t["delta"], t["A"], B, C)
+    torch.testing.assert_close(fast.selective_scan(t["u"], t["delta"], t["A"], B, C), ref)

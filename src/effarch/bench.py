@@ -450,7 +450,19 @@ def _timed_generation(model, input_ids, attention_mask, new_tokens, device, sync
 # generation results
 # --------------------------------------------------------------------------------------------
 
+@dataclass(kw_only=True)
 class _Result:
+    """The record every result carries: what ran, where, and on which versions."""
+
+    label: str | None
+    model_class: str
+    device: str
+    dtype: str
+    profile: str
+    mamba_path: str
+    torch_version: str
+    transformers_version: str
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -463,12 +475,6 @@ class GenerationResult(_Result):
     only; the first token comes from the prefill and is in ``ttft_s``.
     """
 
-    label: str | None
-    model_class: str
-    device: str
-    dtype: str
-    profile: str
-    mamba_path: str
     batch_size: int
     prompt_length: int
     new_tokens: int
@@ -486,8 +492,6 @@ class GenerationResult(_Result):
     memory_measure: str
     warmup: int
     repeats: int
-    torch_version: str
-    transformers_version: str
 
 
 def _profile_name() -> str:
@@ -667,16 +671,8 @@ class PerplexityResult(_Result):
     windows: int
     max_length: int
     stride: int
-    label: str | None
-    model_class: str
-    device: str
-    dtype: str
-    profile: str
-    mamba_path: str
     n_bytes: int | None = None
     bits_per_byte: float | None = None
-    torch_version: str = ""
-    transformers_version: str = ""
 
 
 def _window_nll(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:

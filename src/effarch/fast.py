@@ -69,8 +69,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         t is not None and t.requires_grad for t in tensors)
     if backend == "auto":
         backend = choose_backend(u, needs_grad)
-    if backend == "triton" and B.dim() != 3:
-        backend = "chunked"
+    if B.dim() != 3 or C.dim() != 3:  # grouped or fixed B/C: only the reference takes them
+        backend = "reference"
     fn = {"triton": selective_scan_triton, "chunked": selective_scan_chunked,
           "reference": selective_scan_ref}[backend]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -162,7 +162,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     b, d, length = u.shape
     n = A.shape[-1]
     chunk = chunk or max(length, 1)
-    n_chunks = triton_cdiv(length, chunk)
+    n_chunks = _cdiv(length, chunk)
     out = torch.empty_like(u)
     last = u.new_empty((b, d, n), dtype=torch.float32) if return_last_state else out
     dummy = u  # unused pointer arguments still need a tensor
@@ -174,7 +174,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
                  BLOCK_N=_next_pow2(n))
-    grid = lambda meta: (b, triton_cdiv(d, meta["BLOCK_D"]), n_chunks)  # noqa: E731
+    grid = lambda meta: (b, _cdiv(d, meta["BLOCK_D"]), n_chunks)  # noqa: E731
     kernel = _triton_kernel()
     if n_chunks == 1:
         kernel[grid](*args, dummy, dummy, *sizes, MODE=0, **flags)
@@ -188,7 +188,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return (out, last) if return_last_state else out
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 

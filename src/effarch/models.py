@@ -384,7 +384,7 @@ def _guard(spec: ModelSpec, cfg, dtype, quantization, device: str, force: bool,
         return
     if force or device == "meta":
         return
-    memory.require(needed, device=device.split(":")[0] if device == "auto" else device,
+    memory.require(needed, device=device,
                    what=f"{spec.name} ({str(dtype).replace('torch.', '')}"
                         f"{', ' + quantization if quantization else ''})")
 
@@ -462,13 +462,13 @@ def _record(spec, model, revision, dtype, device, random_weights, quantization, 
         notes=notes)
 
 
-def unload(*objects) -> None:
-    """Free a model's memory before the next one is measured (labs compare one at a time)."""
+def unload() -> None:
+    """Return freed model memory to the device before the next model is measured (labs compare
+    one at a time). Delete your own references first (``del model``): only then is it free."""
     import gc
 
     import torch
 
-    del objects
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -57,6 +57,17 @@ def _figure(ax, size=(7, 4)):
     return fig, ax
 
 
+def _label(fig, ax, xlabel: str, ylabel: str, title: str, device: str, *,
+           grid_minor: bool = False):
+    """Axis labels with units, a title naming the device it was measured on, grid, legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} — {device_name(device)}")
+    ax.grid(True, which="both" if grid_minor else "major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def memory_vs_context(lengths: Sequence[int], series: Mapping[str, Sequence[float]], *,
                       device: str, memory_bytes: float | None = None,
                       memory_label: str = "device memory", ax=None):
@@ -75,12 +86,9 @@ def memory_vs_context(lengths: Sequence[int], series: Mapping[str, Sequence[floa
     ax.yaxis.set_major_locator(FixedLocator([32.0**k for k in range(13)]))  # 1 B, 32 B, 1 KiB …
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: format_bytes(y)))
-    ax.set_xlabel("context length (tokens, log scale)")
-    ax.set_ylabel("inference state (bytes, log scale)")
-    ax.set_title(f"Inference-state memory against context — {device_name(device)}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _label(fig, ax, "context length (tokens, log scale)",
+                  "inference state (bytes, log scale)",
+                  "Inference-state memory against context", device, grid_minor=True)
 
 
 def latency_vs_context(frames: Mapping[str, object], *, device: str,
@@ -106,14 +114,10 @@ def latency_vs_context(frames: Mapping[str, object], *, device: str,
     names = {"decode_ms_per_token": "decode latency (ms per generated token)",
              "ttft_s": "time to first token, prefill (ms)"}
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt length (tokens, log scale)")
-    ax.set_ylabel(names.get(metric, metric))
-    ax.set_title(f"{names.get(metric, metric).split(' (')[0].capitalize()} against context "
-                 f"— {device_name(device)}")
     ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _label(fig, ax, "prompt length (tokens, log scale)", names.get(metric, metric),
+                  f"{names.get(metric, metric).split(' (')[0].capitalize()} against context",
+                  device)
 
 
 def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -157,12 +161,9 @@ def scan_timings(lengths: Sequence[int], timings: Mapping[str, Sequence[object]]
         ax.errorbar(lengths, med, yerr=err, marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("sequence length l (tokens, log scale)")
-    ax.set_ylabel("time per scan (ms, log scale)")
-    ax.set_title(f"Sequential against parallel scan — {device_name(device)}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _label(fig, ax, "sequence length l (tokens, log scale)",
+                  "time per scan (ms, log scale)", "Sequential against parallel scan", device,
+                  grid_minor=True)
 
 
 def explore(fn: Callable, **controls) -> None:
