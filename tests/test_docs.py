@@ -56,10 +56,17 @@ def test_notebook_environment(monkeypatch):
 def test_run_notebook_executes_code_cells_in_order(tmp_path):
     nb = {"cells": [{"cell_type": "markdown", "source": ["# t"]},
                     {"cell_type": "code", "source": ["x = 2\n"]},
-                    {"cell_type": "code", "source": ["print('x is', x * 21)"]}],
+                    {"cell_type": "code", "source": ["print('x is', x * 21)"]},
+                    {"cell_type": "code", "source": ["y = x + 1\n", "y * 1000"]},
+                    {"cell_type": "code", "source": ["y * 7;"]},
+                    {"cell_type": "code", "source": ["import os\n", "os.getcwd()"]}],
           "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    path = tmp_path / "t.ipynb"
-    path.write_text(__import__("json").dumps(nb))
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_notebook.py"), str(path)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0 and "x is 42" in r.stdout and "--- cell 2" in r.stdout, r.stderr
+    (tmp_path / "nb").mkdir()
+    (tmp_path / "nb" / "t.ipynb").write_text(__import__("json").dumps(nb))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_notebook.py"), "nb/t.ipynb"],
+                       capture_output=True, text=True, cwd=tmp_path)  # a relative path
+    assert r.returncode == 0, r.stderr
+    assert "x is 42" in r.stdout and "--- cell 2" in r.stdout
+    lines = r.stdout.splitlines()
+    assert "3000" in lines and "21" not in lines  # a last expression shows; `;` hides it
+    assert str(tmp_path / "nb") in r.stdout  # runs in the notebook's folder, as Jupyter does

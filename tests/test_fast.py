@@ -208,3 +208,27 @@ def test_grouped_b_and_c_go_to_the_reference():
     C = t["C"][:, None].expand(1, 2, 3, 9)
     ref = ssm.selective_scan_ref(t["u"], t["delta"], t["A"], B, C)
     torch.testing.assert_close(fast.selective_scan(t["u"], t["delta"], t["A"], B, C), ref)
+
+
+def test_generator_scores_a_text_like_the_model():
+    from effarch import bench, memory
+
+    model = _tiny_mamba()
+    ids = torch.randint(0, 300, (1, 90), generator=torch.Generator().manual_seed(5))
+    gen = fast.MambaFastGenerator(model, use_graph=False)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    every = gen.prefill(ids, all_logits=True)                                  # (1, 90, V)
+    assert every.shape == out.logits.shape
+    torch.testing.assert_close(every, out.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(every[:, -1], gen.prefill(ids), atol=1e-5, rtol=1e-5)
+    # the generator's state is counted like transformers' cache, byte for byte
+    mine = memory.measure_cache_bytes(gen)
+    theirs = memory.measure_cache_bytes(bench.returned_cache(out))
+    assert (mine.conv, mine.ssm, mine.dtypes) == (theirs.conv, theirs.ssm, theirs.dtypes)
+    assert mine.total == memory.ssm_state_bytes(model.config, 1, torch.float32)
+    slow = bench.sliding_window_perplexity(model, ids, max_length=32, stride=16)
+    quick = bench.sliding_window_perplexity(gen, ids, max_length=32, stride=16)
+    assert (quick.tokens_scored, quick.windows) == (slow.tokens_scored, slow.windows) == (89, 5)
+    assert quick.nll_per_token == pytest.approx(slow.nll_per_token, rel=1e-5)
+    assert quick.mamba_path.startswith("effarch fast path")

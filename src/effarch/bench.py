@@ -681,7 +681,10 @@ def _window_nll(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     The logits at position t predict token t + 1, so labels shift by one as in transformers'
     ``ForCausalLMLoss``; computed here (float32) rather than read from ``out.loss``, which for
     MoE models can include the router's auxiliary loss."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :]  # (1, w-1, V)
+    if _is_fast(model):  # an effarch.fast generator scores through its own prefill
+        logits = model.prefill(ids, all_logits=True)[:, :-1, :]  # (1, w-1, V)
+    else:
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :]  # (1, w-1, V)
     target = labels[:, 1:]  # (1, w-1)
     nll = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -698,7 +701,8 @@ def sliding_window_perplexity(model, input_ids: torch.Tensor, *, max_length: int
     The overlap with the previous window is context only (labels -100), so each token is scored
     once: N − 1 tokens when ``stride < max_length`` (the first token has no context); with
     ``stride == max_length`` (plain chunks) each chunk's first token goes unscored. The mean is
-    weighted by the exact number of tokens each window scored.
+    weighted by the exact number of tokens each window scored. ``model`` is a causal LM or an
+    ``effarch.fast.MambaFastGenerator`` (scored through its fast prefill).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be (1, N), got {tuple(input_ids.shape)}")

@@ -247,9 +247,23 @@ class MambaFastGenerator:
         self.logits = None
         self._batch, self._graph = batch, None
 
+    @property
+    def conv_states(self) -> torch.Tensor | None:
+        """Every layer's conv state, (layers, b, d, k) in the model's dtype (None before use)."""
+        return getattr(self, "conv", None)
+
+    @property
+    def ssm_states(self) -> torch.Tensor | None:
+        """Every layer's SSM state h, (layers, b, d, n) in float32 (None before use).
+
+        Named as transformers names its cache's fields, so ``memory.measure_cache_bytes(gen)``
+        counts the generator's state as it counts a cache."""
+        return getattr(self, "ssm", None)
+
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt (b, l); fill the states; return the last position's logits (b, V)."""
+    def prefill(self, input_ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
+        """Run the prompt (b, l); fill the states; return the last position's logits (b, V),
+        or with ``all_logits=True`` every position's, (b, l, V) — what scoring a text needs."""
         b, length = input_ids.shape
         if self._batch != b:
             self._allocate(b)
@@ -258,7 +272,7 @@ class MambaFastGenerator:
             x = _rms_norm(h, blk.norm.weight, self.eps)
             res = h.float() if self.cfg.residual_in_fp32 else h
             h = res + self._mixer_prefill(i, blk.mixer, x, length)
-        h = _rms_norm(h[:, -1], self.model.backbone.norm_f.weight, self.eps)
+        h = _rms_norm(h if all_logits else h[:, -1], self.model.backbone.norm_f.weight, self.eps)
         return self.model.lm_head(h.to(self.dtype)).float()
 
     def _mixer_prefill(self, i: int, mx, x: torch.Tensor, length: int) -> torch.Tensor:
