@@ -136,6 +136,24 @@ def test_time_fn_excludes_warmup(monkeypatch):
     assert t.stdev == pytest.approx(math.sqrt(2.5))
 
 
+def test_timed_regions_run_without_the_garbage_collector():
+    import gc
+
+    seen = []
+    bench.time_fn(lambda: seen.append(gc.isenabled()), warmup=1, repeats=3, device="cpu")
+    assert seen == [True, False, False, False]  # warm-up untouched; timed calls without it
+
+    class GcSpy(CountingModel):
+        def forward(self, *args, **kw):
+            seen.append(gc.isenabled())
+            return super().forward(*args, **kw)
+
+    seen.clear()
+    bench.measure_generation(GcSpy(FakeClock()), torch.full((1, 4), 5), new_tokens=3,
+                             warmup=0, repeats=2)
+    assert seen == [False] * 6 and gc.isenabled()  # 2 × (prefill + 2 steps); then back on
+
+
 def test_measure_generation_record(llama):
     res = bench.measure_generation(llama, _ids(1, 8), new_tokens=3, warmup=0, repeats=1,
                                    label="tiny llama")

@@ -70,6 +70,21 @@ def test_random_weights_on_meta_cost_nothing():
     assert lm.record.parameter_bytes == memory.estimate_weights_bytes("mixtral-8x7b")
 
 
+def test_random_real_size_mamba_keeps_activations_near_one():
+    # transformers' Mamba default (initializer_range 0.1) grows mamba-130m's random residual
+    # stream to ~700 in 16 tokens; effarch draws random weights with 0.02, as other families do.
+    lm = models.load_model("mamba-130m", weights="random", dtype="float32", device="cpu")
+    assert lm.model.config.initializer_range == models.RANDOM_INIT_STD
+    assert any("initializer_range" in note for note in lm.record.notes)
+    ids = torch.randint(0, 50000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = lm.model(ids, output_hidden_states=True).hidden_states[:-1]
+    assert max(h.abs().max().item() for h in hidden) < 10
+    phi = models.load_model("phi-2", weights="random", device="meta")  # 0.02 already: untouched
+    assert phi.model.config.initializer_range == 0.02
+    assert not any("initializer_range" in note for note in phi.record.notes)
+
+
 def test_too_little_memory_refuses_unless_forced():
     with pytest.raises(memory.InsufficientMemoryError, match="mixtral-8x7b"):
         models.load_model("mixtral-8x7b", weights="random", device="cpu", dtype="bfloat16")

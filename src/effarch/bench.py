@@ -16,6 +16,7 @@ checks that it produces the same tokens as ``generate()``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import inspect
 import math
@@ -33,6 +34,20 @@ if TYPE_CHECKING:
 
 # The clock every timed region reads; a module attribute so that tests can substitute a fake one.
 _clock = time.perf_counter
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """Collect garbage first, then keep the collector off while timing (as ``timeit`` does): a
+    collection in the middle of a timed step would be counted as that step's cost."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 # transformers names the cache differently across versions: 5.17 returns and takes
 # `past_key_values` (attention models) or `cache_params` (Mamba); 5.24 `cache` for every model.
@@ -170,11 +185,12 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
         fn()
     samples = []
     for _ in range(repeats):
-        synchronize(device)
-        start = _clock()
-        fn()
-        synchronize(device)
-        samples.append(_clock() - start)
+        with _no_gc():
+            synchronize(device)
+            start = _clock()
+            fn()
+            synchronize(device)
+            samples.append(_clock() - start)
     return Timing.from_samples(samples)
 
 
@@ -544,8 +560,9 @@ def measure_generation(model, input_ids: torch.Tensor, *, new_tokens: int = 32,
             # sample memory once, at the end of the last run: every run has the same shapes, and
             # on the CPU reading RSS just before a prefill was seen to slow it by ~2%
             last = i == warmup + repeats - 1
-            run = _timed_generation(model, input_ids, attention_mask, new_tokens, device,
-                                    sync_every_token, params, meter.sample if last else None)
+            with _no_gc():
+                run = _timed_generation(model, input_ids, attention_mask, new_tokens, device,
+                                        sync_every_token, params, meter.sample if last else None)
             if i >= warmup:
                 runs.append(run)
     return _generation_result(model, input_ids, new_tokens, runs, meter, warmup, label)
