@@ -116,6 +116,9 @@ def test_triton_kernel_in_interpreter_mode():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True,
                        env=env, timeout=300)
+    if "only 0-dimensional arrays can be converted" in r.stderr:  # e.g. Triton 3.6, NumPy 2.4
+        pytest.skip("this Triton's interpreter calls int() on a 1-element array, which NumPy 2 "
+                    "refuses (later Triton squeezes it); the compiled kernel is unaffected")
     assert r.returncode == 0 and "TRITON-INTERPRETER-OK" in r.stdout, r.stderr[-3000:]
 
 

@@ -104,10 +104,8 @@ def selective_scan_kernel(
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # the state, (BD, BN)
     dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    # The bounds are kernel arguments, not program-id arithmetic: Triton 3.6's interpreter
-    # cannot loop over a range whose bounds are tensors.
-    for l0 in range(0, CHUNK, BLOCK_L):
-        offs_l = l_start + l0 + tl.arange(0, BLOCK_L)  # (BL,)
+    for l0 in range(l_start, l_end, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)  # (BL,)
         mask_l = offs_l < l_end
         m_dl = mask_d[:, None] & mask_l[None, :]
         m_nl = mask_n[:, None] & mask_l[None, :]
