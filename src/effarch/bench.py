@@ -49,6 +49,7 @@ def _no_gc():
         if enabled:
             gc.enable()
 
+
 # transformers names the cache differently across versions: 5.17 returns and takes
 # `past_key_values` (attention models) or `cache_params` (Mamba); 5.24 `cache` for every model.
 CACHE_NAMES = ("past_key_values", "cache", "cache_params")
