@@ -18,7 +18,7 @@ LAB_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.effarch-installed
 
-.PHONY: lab test unit notebooks labs check-labs doctor bench lint clean
+.PHONY: lab test unit labs check-labs doctor lint clean
 
 $(STAMP): pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \

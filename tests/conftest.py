@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+# Input notebooks of the build_labs tests, not notebooks to run (nbmake would collect them).
+collect_ignore = ["fixtures"]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():

@@ -322,3 +322,9 @@ def test_long_diffs_are_clipped():
     result = checks.check_value("many", {k: v * 2 for k, v in many.items()}, many)
     assert result is many
     assert len(checks.history()[-1].details) <= checks._MAX_DETAIL_LINES + 1
+    # a message longer than the limit is cut, and says how much was left out
+    twenty = "\n".join(f"line {i}" for i in range(20))
+    checks.check_value("long", 1, 2, compare=lambda a, e: twenty)
+    details = checks.history()[-1].details
+    assert len(details) == checks._MAX_DETAIL_LINES + 1
+    assert details[-1] == f"… {20 - checks._MAX_DETAIL_LINES} more"

@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_doctor_reports_offline_tiny_and_paths(monkeypatch, capsys):
     monkeypatch.setenv("EFFARCH_PROFILE", "auto")
+    monkeypatch.setenv("EFFARCH_DEVICE", "cpu")  # auto picks tiny without a GPU, also on one
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("EFFARCH_WEIGHTS", raising=False)
     assert cli.main(["doctor"]) == 0

@@ -1,5 +1,6 @@
 """The documents the errors point to, and the generated tables, stay true."""
 
+import os
 import re
 import subprocess
 import sys
@@ -51,6 +52,20 @@ def test_notebook_environment(monkeypatch):
     assert sol["EFFARCH_STRICT"] == "1" and lab["EFFARCH_STRICT"] == "0"
     assert sol["EFFARCH_PROFILE"] == lab["EFFARCH_PROFILE"] == "tiny"
     assert sol["HF_HUB_OFFLINE"] == "1" and int(sol["OMP_NUM_THREADS"]) >= 1
+
+
+def test_notebook_environment_is_restored_after_the_notebook(monkeypatch):
+    from types import SimpleNamespace
+
+    from effarch import testing
+
+    monkeypatch.delenv("EFFARCH_STRICT", raising=False)
+    monkeypatch.setenv("EFFARCH_PROFILE", "auto")
+    item = SimpleNamespace(fspath=ROOT / "solutions" / "x-solution.ipynb")
+    testing.pytest_runtest_setup(item)
+    assert os.environ["EFFARCH_STRICT"] == "1" and os.environ["EFFARCH_PROFILE"] == "tiny"
+    testing.pytest_runtest_teardown(item)
+    assert "EFFARCH_STRICT" not in os.environ and os.environ["EFFARCH_PROFILE"] == "auto"
 
 
 def test_run_notebook_executes_code_cells_in_order(tmp_path):

@@ -85,9 +85,16 @@ def test_random_real_size_mamba_keeps_activations_near_one():
     assert not any("initializer_range" in note for note in phi.record.notes)
 
 
-def test_too_little_memory_refuses_unless_forced():
+def test_too_little_memory_refuses_unless_forced(monkeypatch):
+    # whatever this machine has (a 128 GB host would otherwise build a random Mixtral): 1 MiB
+    monkeypatch.setattr(memory, "available",
+                        lambda device=None: memory.MemoryInfo(2**20, 2**30, "cpu", "test"))
     with pytest.raises(memory.InsufficientMemoryError, match="mixtral-8x7b"):
         models.load_model("mixtral-8x7b", weights="random", device="cpu", dtype="bfloat16")
+    with pytest.raises(memory.InsufficientMemoryError, match="mamba-130m"):
+        models.load_model("mamba-130m", weights="random", device="cpu")
+    lm = models.load_model("mamba-130m", weights="random", device="cpu", force=True)
+    assert lm.record.parameters > 100e6
 
 
 def test_quantisation_without_gpu_is_a_clear_error():
@@ -111,6 +118,9 @@ def test_zoo_missing_says_how_to_rebuild(monkeypatch, tmp_path):
     (d / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
     with pytest.raises(models.ZooModelMissing, match="not a weight file"):
         models.load_model("tiny-mamba", device="cpu")
+    assert not models.is_cached("tiny-mamba")  # doctor must not call a pointer file present
+    monkeypatch.delenv("EFFARCH_ROOT")
+    assert models.is_cached("tiny-mamba")
 
 
 def _fake_hub_cache(root, repo_id, model, tokenizer=None):

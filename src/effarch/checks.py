@@ -390,9 +390,9 @@ def _diff_values(a: Any, e: Any, tol: tuple[float, float]) -> list[str]:
     (rtol, atol), shape = tol, e.shape
     a, e = a.reshape(-1), e.reshape(-1)
     with np.errstate(all="ignore"):
-        err = np.where(a == e, 0.0, np.abs(a - e))  # equal infinities match
+        bad = ~np.isclose(a, e, rtol=rtol, atol=atol)  # equal infinities match, NaN never
+        err = np.where(a == e, 0.0, np.abs(a - e))  # for the report
         nan_a, nan_e, finite = np.isnan(a), np.isnan(e), np.isfinite(err)
-        bad = nan_a | nan_e | ~finite | (err > atol + rtol * np.abs(e))
         if not bad.any():
             return []
         lines = [f"{int(bad.sum())} of {bad.size} elements differ (rtol={rtol:g}, atol={atol:g})"]

@@ -168,14 +168,16 @@ def long_document() -> Document:
     folder = long_document_dir()
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        raw = (folder / manifest["file"]).read_bytes()
+        name, digest, domain, source = (manifest[k] for k in ("file", "sha256", "domain",
+                                                              "source"))
+        raw = (folder / name).read_bytes()
     except FileNotFoundError as e:
         raise MissingDataError(f"The long document's file {e.filename} is missing; restore "
                                f"data/long_document/ with git. {_HELP}") from None
     except (ValueError, KeyError) as e:
         raise MissingDataError(f"{folder / 'manifest.json'} is corrupt ({e!r}); restore it with "
                                f"git. {_HELP}") from None
-    if hashlib.sha256(raw).hexdigest() != manifest["sha256"]:
-        raise MissingDataError(f"{folder / manifest['file']} is corrupt (its sha256 does not "
-                               f"match manifest.json); restore it with git. {_HELP}")
-    return Document(manifest["domain"], manifest["source"], raw.decode("utf-8"))
+    if hashlib.sha256(raw).hexdigest() != digest:
+        raise MissingDataError(f"{folder / name} is corrupt (its sha256 does not match "
+                               f"manifest.json); restore it with git. {_HELP}")
+    return Document(domain, source, raw.decode("utf-8"))

@@ -139,10 +139,16 @@ def _mlp_params(h: int, inter: int, gated: bool = True, bias: bool = False) -> i
     return 2 * h * inter + (inter + h if bias else 0)  # fc1, fc2 (Phi: GELU with biases)
 
 
+def _mamba_dims(cfg, h: int) -> tuple[int, int, int]:
+    """(d, n, k) of a Mamba mixer: inner channels expand · h, state size, conv kernel (the names
+    of MambaConfig and of JambaConfig's mamba_* fields)."""
+    return (_get(cfg, "mamba_expand", "expand", default=2) * h,
+            _get(cfg, "mamba_d_state", "state_size", default=16),
+            _get(cfg, "mamba_d_conv", "conv_kernel", default=4))
+
+
 def _mamba_mixer_params(cfg, h: int) -> int:
-    d = _get(cfg, "mamba_expand", "expand", default=2) * h
-    n = _get(cfg, "mamba_d_state", "state_size", default=16)
-    k = _get(cfg, "mamba_d_conv", "conv_kernel", default=4)
+    d, n, k = _mamba_dims(cfg, h)
     r = _get(cfg, "mamba_dt_rank", "time_step_rank", default="auto")
     r = -(-h // 16) if r == "auto" else r
     conv_bias = _get(cfg, "mamba_conv_bias", "use_conv_bias", default=True)
@@ -297,12 +303,10 @@ def kv_cache_bytes(cfg, seq_len: int, batch: int = 1, dtype="bfloat16") -> int:
 def ssm_state_bytes(cfg, batch: int = 1, dtype="bfloat16", state_dtype="float32") -> int:
     """Bytes of a Mamba model's inference state, whatever the context length (lab 2.4.1, Part B):
     per Mamba layer a conv state (b, d, k) in ``dtype`` and an SSM state h (b, d, n) in
-    ``state_dtype``, with d = expand · hidden. mamba-ssm and transformers 5.24 keep h in float32
-    in a bf16 model; transformers 5.17's ``MambaCache`` stored it in the model's dtype.
+    ``state_dtype``, with d = expand · hidden. transformers keeps h in float32 in a bf16 model
+    (5.17 and 5.24 both did; lab 2.4.1 reads ``state_dtype`` off the real cache), as mamba-ssm does.
     """
-    d = _get(cfg, "mamba_expand", "expand", default=2) * cfg.hidden_size
-    n = _get(cfg, "mamba_d_state", "state_size", default=16)
-    k = _get(cfg, "mamba_d_conv", "conv_kernel", default=4)
+    d, n, k = _mamba_dims(cfg, cfg.hidden_size)
     per_layer = batch * d * (k * dtype_bytes(dtype) + n * dtype_bytes(state_dtype))
     return int(_ssm_layers(cfg) * per_layer)
 

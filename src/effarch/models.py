@@ -65,10 +65,6 @@ class ModelSpec:
     skip_quantization: tuple[str, ...] = ()
     note: str = ""
 
-    @property
-    def pinned(self) -> bool:
-        return bool(re.fullmatch(r"[0-9a-f]{40}", self.revision))
-
 
 _MAMBA = dict(state_size=16, expand=2, conv_kernel=4, vocab_size=50280, tie_word_embeddings=True,
               pad_vocab_size_multiple=8, time_step_rank="auto", use_conv_bias=True, use_bias=False,
@@ -179,10 +175,6 @@ def zoo_path(name: str) -> Path:
     return profile.zoo_dir() / name
 
 
-def tokenizer_path() -> Path:
-    return profile.zoo_dir() / "tokenizer"
-
-
 def get_config(name: str):
     """The transformers config of a registry model: published real size, or the zoo's own."""
     from transformers import CONFIG_MAPPING, AutoConfig
@@ -197,6 +189,11 @@ def get_config(name: str):
                      f"{TROUBLE} 'Remote-code models'.")
 
 
+def _head(path: Path, n: int = 8) -> bytes:
+    with path.open("rb") as f:
+        return f.read(n)
+
+
 def _check_zoo(name: str) -> None:
     path = zoo_path(name)
     weights = path / "model.safetensors"
@@ -205,7 +202,7 @@ def _check_zoo(name: str) -> None:
             f"the zoo model {name!r} is missing ({path}). Rebuild it with "
             "`python scripts/train_zoo.py` (GPU recommended) or restore it with "
             f"`git checkout -- data/zoo`. {TROUBLE} 'Missing data files'.")
-    if weights.stat().st_size < 1024 or weights.read_bytes()[:8] == b"version ":
+    if weights.stat().st_size < 1024 or _head(weights) == b"version ":
         raise ZooModelMissing(
             f"{weights} is not a weight file (a Git LFS pointer or truncated?). Restore it with "
             "`git checkout -- data/zoo` or rebuild with `python scripts/train_zoo.py`. "
@@ -247,8 +244,12 @@ def is_cached(name: str, revision: str | None = None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     spec = get_spec(name)
-    if spec.zoo:
-        return zoo_path(name).joinpath("model.safetensors").is_file()
+    if spec.zoo:  # present means loadable: not a Git LFS pointer or a truncated file
+        try:
+            _check_zoo(name)
+        except ZooModelMissing:
+            return False
+        return True
     rev = revision or spec.revision
     found = [try_to_load_from_cache(spec.hub_id, f, revision=rev)
              for f in ("config.json", "model.safetensors", "model.safetensors.index.json")]
@@ -390,15 +391,17 @@ def _guard(spec: ModelSpec, cfg, dtype, quantization, device: str, force: bool,
 
 
 def _zoo_tokenizer(notes: list[str], standing_in: bool):
-    from transformers import AutoTokenizer
+    from effarch import data
 
-    if not (tokenizer_path() / "tokenizer.json").is_file():
+    try:
+        tok = data.load_tokenizer()  # cached and shared: do not modify it in place
+    except data.MissingDataError:
         notes.append("no tokenizer: the zoo tokenizer (data/zoo/tokenizer) is missing")
         return None
     if standing_in:
         notes.append("random weights: the tiny zoo's tokenizer stands in for the model's own; "
                      "generated text is meaningless, memory and speed are real")
-    return AutoTokenizer.from_pretrained(tokenizer_path())
+    return tok
 
 
 RANDOM_INIT_STD = 0.02

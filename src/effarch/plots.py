@@ -7,6 +7,7 @@ plot and falls back to a plain call where ipywidgets is missing, so a lab runs t
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -27,6 +28,7 @@ def device_name(device: str) -> str:
     return str(device)
 
 
+@functools.cache
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -36,7 +36,22 @@ def notebook_env(path: Path) -> dict[str, str]:
     return env
 
 
+_SAVED: dict[str, str | None] = {}
+
+
 def pytest_runtest_setup(item) -> None:
     path = Path(str(item.fspath))
     if path.suffix == ".ipynb":
-        os.environ.update(notebook_env(path))
+        env = notebook_env(path)
+        _SAVED.update({k: os.environ.get(k) for k in env})
+        os.environ.update(env)
+
+
+def pytest_runtest_teardown(item) -> None:
+    """Give the next test the environment it had before a notebook (no EFFARCH_STRICT left)."""
+    for key, value in _SAVED.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _SAVED.clear()
