@@ -71,17 +71,12 @@ def build(name: str, device: str, layers: int | None = None, **overrides):
 
     ``layers`` cuts the depth (smoke runs on a CPU only: figures are then not the model's).
     """
-    from transformers import AutoModelForCausalLM
-
-    cfg = models.get_config(name)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
     if layers:
-        cfg.num_hidden_layers = layers
+        overrides["num_hidden_layers"] = layers
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    return model, sum(p.numel() * p.element_size() for p in model.parameters())
+    lm = models.load_model(name, weights="random", dtype=torch.bfloat16, device=device,
+                           overrides=overrides)
+    return lm.model, lm.record.parameter_bytes
 
 
 def timed(fn, device, repeats=3, warmup=1) -> float:

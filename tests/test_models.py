@@ -85,6 +85,19 @@ def test_random_real_size_mamba_keeps_activations_near_one():
     assert not any("initializer_range" in note for note in phi.record.notes)
 
 
+def test_random_weights_take_config_overrides():
+    lm = models.load_model("phi-2", weights="random", device="meta",
+                           overrides={"max_position_embeddings": 16384, "num_hidden_layers": 2})
+    cfg = lm.model.config
+    assert (cfg.max_position_embeddings, cfg.num_hidden_layers) == (16384, 2)
+    assert len(lm.model.model.layers) == 2
+    assert any("max_position_embeddings=16384" in note for note in lm.record.notes)
+    with pytest.raises(ValueError, match="no field 'n_layers'"):
+        models.load_model("phi-2", weights="random", device="meta", overrides={"n_layers": 2})
+    with pytest.raises(ValueError, match="random weights only"):
+        models.load_model("tiny-mamba", device="cpu", overrides={"num_hidden_layers": 1})
+
+
 def test_too_little_memory_refuses_unless_forced(monkeypatch):
     # whatever this machine has (a 128 GB host would otherwise build a random Mixtral): 1 MiB
     monkeypatch.setattr(memory, "available",

@@ -345,12 +345,14 @@ def _check_remote_code(spec: ModelSpec, revision: str, trust_remote_code: bool) 
 def load_model(name: str, *, weights: str = "pretrained", dtype=None,
                quantization: str | None = None, device: str | None = None, device_map=None,
                revision: str | None = None, trust_remote_code: bool = False,
-               force: bool = False) -> LoadedModel:
+               force: bool = False, overrides: dict | None = None) -> LoadedModel:
     """Load a registry model, a zoo model or a hub id, offline-first and memory-checked.
 
     ``weights="random"`` builds the registry's real-size config with random weights (no
     download; ``device="meta"`` allocates nothing, for sizing). The tokenizer of the tiny zoo
-    stands in for hub tokenizers in that case, and the record says so.
+    stands in for hub tokenizers in that case, and the record says so. ``overrides`` changes
+    fields of that config (random weights only: fewer layers for a smoke run, more positions to
+    measure past a model's limit); the record lists them.
     """
     if weights not in ("pretrained", "random"):
         raise ValueError(f"weights must be 'pretrained' or 'random', not {weights!r}")
@@ -364,8 +366,10 @@ def load_model(name: str, *, weights: str = "pretrained", dtype=None,
         raise ValueError(
             "quantisation applies to pretrained hub weights; to size a quantised model use "
             f"effarch.memory.estimate_weights_bytes({name!r}, quantization={quantization!r})")
+    if overrides and weights != "random":
+        raise ValueError("overrides change the config of random weights only (weights='random')")
     if weights == "random" or spec.zoo:
-        return _load_local(spec, weights, torch_dtype, device, force)
+        return _load_local(spec, weights, torch_dtype, device, force, overrides or {})
     return _load_hub(spec, torch_dtype, quantization, device, device_map, revision,
                      trust_remote_code, force)
 
@@ -421,12 +425,18 @@ def _tame_random_init(cfg, notes: list[str]) -> None:
                      f"explode)")
 
 
-def _load_local(spec: ModelSpec, weights: str, dtype, device: str, force: bool) -> LoadedModel:
+def _load_local(spec: ModelSpec, weights: str, dtype, device: str, force: bool,
+                overrides: dict) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
     notes: list[str] = []
     cfg = get_config(spec.name)
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise ValueError(f"{spec.name}'s config has no field {key!r}")
+        setattr(cfg, key, value)
+        notes.append(f"config changed: {key}={value!r} (not the published model)")
     _guard(spec, cfg, dtype, None, device, force, notes)
     if weights == "random":
         _tame_random_init(cfg, notes)
