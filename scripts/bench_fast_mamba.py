@@ -105,10 +105,10 @@ def mamba_section(args, bw: float) -> None:
         if n == args.prefill_fallback:
             row(f"prefill speed-up at {n} over the fallback", t_fb / t, "x")
     bench.reset_peak_memory(dev)
-    base = torch.cuda.memory_allocated() if dev.startswith("cuda") else 0
+    base = bench.current_memory_bytes(dev)
     gen.prefill(ids(1, args.lengths[-1]))
-    if dev.startswith("cuda"):
-        extra = torch.cuda.max_memory_allocated() - base
+    if dev.startswith("cuda"):  # elsewhere no resettable peak exists (bench.peak_memory_bytes)
+        extra = bench.peak_memory_bytes(dev) - base
         row(f"peak prefill memory above the weights at {args.lengths[-1]}", extra / 1e9, "GB",
             f"{extra / wbytes:.2f}x the weights")
     decode_section(model, gen, ids, roof, dev, args)
@@ -120,18 +120,9 @@ def mamba_path_note(model) -> str:
 
 
 def decode_section(model, gen, ids, roof, dev, args) -> None:
-    prompt = ids(1, 64)
-    with torch.no_grad():
-        tok, state = bench.prefill(model, prompt)
-        for _ in range(2):
-            tok = bench.decode_step(model, state, tok)
-        n = args.fallback_tokens
-        bench.synchronize(dev)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            tok = bench.decode_step(model, state, tok)
-        bench.synchronize(dev)
-    fb = n / (time.perf_counter() - t0)
+    fb = bench.measure_generation(model, ids(1, 64), new_tokens=args.fallback_tokens + 1,
+                                  warmup=1, repeats=1, sync_every_token=False
+                                  ).decode_tokens_per_s
     row("decode batch 1, transformers fallback", fb, "tok/s", f"{fb / roof:.1%} of roofline")
     for b in (1, 8, 32):
         logits = gen.prefill(ids(b, 64))
@@ -147,10 +138,13 @@ def decode_section(model, gen, ids, roof, dev, args) -> None:
 
 def phi_section(args, bw: float) -> None:
     dev = args.device
-    model, wbytes = build(args.transformer, dev, args.layers, max_position_embeddings=16384)
+    limit = models.get_config(args.transformer).max_position_embeddings
+    positions = max(limit, *args.lengths)
+    model, wbytes = build(args.transformer, dev, args.layers, max_position_embeddings=positions)
     roof = bw / wbytes
-    print(f"{args.transformer}{args.layer_note} architecture, random weights, bf16, positions raised to 16,384 for this "
-          f"measurement (the real Phi-2 stops at 2,048), {wbytes / 1e9:.2f} GB:")
+    print(f"{args.transformer}{args.layer_note} architecture, random weights, bf16, positions "
+          f"raised to {positions:,} for this measurement (the real model stops at {limit:,}), "
+          f"{wbytes / 1e9:.2f} GB:")
     row("decode roofline", roof, "tok/s")
     vocab = model.config.vocab_size
     with torch.no_grad():
@@ -184,7 +178,7 @@ def fair_arm(model, prompt, roof, args) -> None:
         t_full = timed(lambda: model.generate(prompt, **kw), args.device, repeats=3, warmup=0)
         kw1 = dict(kw, max_new_tokens=1, min_new_tokens=1)
         t_one = timed(lambda: model.generate(prompt, **kw1), args.device, repeats=3, warmup=1)
-    tps = (args.tokens - 1) / (t_full - t_one)
+    tps = bench.decode_tokens_per_s(t_full, t_one, 1, args.tokens)
     row(f"decode batch 1, static cache{' + torch.compile' if compiled else ''}", tps, "tok/s",
         f"{tps / roof:.1%} of roofline (generate(n) - generate(1))")
 

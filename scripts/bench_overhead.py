@@ -29,20 +29,13 @@ from effarch import bench
 from effarch.profile import default_device
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def bare_samples(fn, calls: int, device: torch.device) -> list[float]:
     samples = []
     for _ in range(calls):
-        sync(device)
+        bench.synchronize(device)
         start = time.perf_counter()
         fn()
-        sync(device)
+        bench.synchronize(device)
         samples.append(time.perf_counter() - start)
     return samples
 
@@ -75,18 +68,18 @@ def bare_generation(model, ids, new_tokens: int, device: torch.device):
     params = inspect.signature(model.forward).parameters  # `cache` (5.24) or older name
     cache_kw = "cache" if "cache" in params else "past_key_values"
     with torch.no_grad():
-        sync(device)
+        bench.synchronize(device)
         start = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        sync(device)
+        bench.synchronize(device)
         last = time.perf_counter()
         prefill_s, steps = last - start, []
         cache = getattr(out, cache_kw)
         for _ in range(new_tokens - 1):
             out = model(input_ids=token, use_cache=True, **{cache_kw: cache})
             token, cache = out.logits[:, -1].argmax(-1, keepdim=True), getattr(out, cache_kw)
-            sync(device)
+            bench.synchronize(device)
             now = time.perf_counter()
             steps.append(now - last)
             last = now

@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from effarch import data, memory, models, profile  # noqa: E402
+from effarch import bench, data, memory, models, profile  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("train_zoo", ROOT / "scripts" / "train_zoo.py")
 tz = importlib.util.module_from_spec(_spec)
@@ -233,7 +233,7 @@ def evaluate(name: str, args, text: str, ids: torch.Tensor,
     result = dict(name=name, model_class=type(model).__name__, load_s=load_s, eval_s=eval_s,
                   validation=bpb, params=dict(total=pc.total, active=pc.active),
                   weights_bytes=(profile.zoo_dir() / name / "model.safetensors").stat().st_size,
-                  mamba_path=_mamba_path(model), train_meta=meta,
+                  mamba_path=bench.mamba_path(model), train_meta=meta,
                   samples={k: generate(model, tokenizer, p, args.new_tokens, args.seed)
                            for k, p in PROMPTS.items()})
     if moe:
@@ -274,14 +274,6 @@ def random_router_mi(cfg, ids: torch.Tensor, cls: np.ndarray, args) -> list[floa
     del model
     models.unload()
     return result
-
-
-def _mamba_path(model) -> str:
-    try:
-        from effarch import bench
-        return bench.mamba_path(model)
-    except Exception:  # effarch.bench is optional here
-        return "n/a"
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -368,7 +360,7 @@ README_HEAD = """# The tiny model zoo
 Written by `scripts/eval_zoo.py --write-readme` (edit the script, not this file).
 
 Four small causal language models trained by `scripts/train_zoo.py` with the settings in
-`zoo_config.json`: the same corpus (`data/corpus`, train split), the same 4096-token tokenizer
+`zoo_config.json`: the same corpus (`data/corpus`, train split), the same {vocab}-token tokenizer
 (`tokenizer/`), the same number of tokens, sequence length, batch, optimiser and schedule, and
 about the same number of active parameters (embeddings counted), so that their validation
 bits per byte compare directly. Each folder holds `config.json`, `generation_config.json`,
@@ -485,7 +477,8 @@ def _evaluate_all(args: argparse.Namespace, readme: Path, start: float) -> list[
     if slow:
         print(f"WARNING: loading took {LOAD_LIMIT_S:.0f} s or more for {', '.join(slow)}")
     if args.write_readme:
-        readme.write_text(README_HEAD + report, encoding="utf-8")
+        readme.write_text(README_HEAD.replace("{vocab}", str(len(tokenizer))) + report,
+                          encoding="utf-8")
         print(f"wrote {readme}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))

@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     names = args.names or ([n for n, s in models.REGISTRY.items() if s.hub_id and not s.remote_code]
                            if args.all else models.full_profile_names())
     specs = [models.get_spec(n) for n in names]
+    shipped = [s.name for s in specs if s.zoo]
+    if shipped:
+        print(f"{', '.join(shipped)}: part of the tiny zoo, shipped in data/zoo/ (nothing to "
+              "fetch); leave them out.", file=sys.stderr)
+        return 2
     for spec in specs:
         size = (f"~{memory.estimate_weights_bytes(spec.name) / 1e9:.1f} GB bf16"
                 if spec.config else "size unknown")

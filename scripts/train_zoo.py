@@ -48,10 +48,10 @@ import transformers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig  # noqa: E402
 
-from effarch import data, memory, profile  # noqa: E402
+from effarch import bench, data, memory, models, profile  # noqa: E402
 
 CONFIG_FILE = ROOT / "data" / "zoo" / "zoo_config.json"
-NAMES = ("tiny-mamba", "tiny-transformer", "tiny-moe", "tiny-hybrid")
+NAMES = models.ZOO_NAMES
 TRAIN_ORDER = ("tiny-transformer", "tiny-moe", "tiny-hybrid", "tiny-mamba")  # fastest first
 LOG_FIELDS = ("step", "tokens", "train_loss", "aux_loss", "val_loss", "lr", "elapsed_s")
 CHECKPOINT = "checkpoint.pt"
@@ -126,13 +126,13 @@ def set_mamba_path(model, use_mambapy: bool) -> str | None:
     layers. Without mamba-ssm transformers calls its PyTorch reference, which runs mambapy's
     ``pscan`` when ``mixer.use_mambapy`` is set and mambapy imports, else a loop over the sequence.
     """
-    mixers = [m for m in model.modules() if hasattr(m, "use_mambapy") and hasattr(m, "A_log")]
+    mixers = [m for m in bench.mamba_mixers(model) if hasattr(m, "use_mambapy")]
     if not mixers:
         return None
     on = use_mambapy and mambapy_available()
     for m in mixers:
         m.use_mambapy = on
-    return "mambapy parallel scan" if on else "sequential fallback"
+    return bench.mamba_path(model)  # mamba-ssm's kernels, when installed, win over both
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def text_bits_per_byte(model, tokenizer, text: str, *, window: int, stride: int,
                         device=device, routes=routes)
     n_bytes = len(text.encode("utf-8"))
     return dict(nll_per_token=nll / n, tokens=n, bytes=n_bytes,
-                bits_per_byte=nll / math.log(2) / n_bytes, window=window, stride=stride)
+                bits_per_byte=bench.bits_per_byte(nll / n, n, n_bytes), window=window, stride=stride)
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -502,8 +502,7 @@ def train_model(run: Run, deadline: float, stop_after: int | None) -> bool:
         loss, aux = run.train_step()
         if not math.isfinite(loss):
             raise FloatingPointError(f"{run.name}: loss {loss} at step {run.step}")
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
+        bench.synchronize(run.device)
         dt = time.time() - t0
         run.elapsed += dt
         bar.update(1)
@@ -543,7 +542,7 @@ def save_final(run: Run, out_dir: Path) -> dict:
     s, dev = run.settings, run.device
     val = text_bits_per_byte(run.model, run.tokenizer, validation_text(s.get("val_chars")),
                              window=s["final_eval"]["window"], stride=s["final_eval"]["stride"],
-                             batch_size=s["batch_size"], device=dev)
+                             batch_size=s["batch_size"], device=dev, ids=run.val_ids)
     target = out_dir / run.name
     target.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(run.model).to("cpu", torch.bfloat16)
@@ -659,21 +658,10 @@ def select(only: str | None) -> list[str]:
 def time_steps(run: Run, n: int) -> dict:
     """Seconds per training step (median of ``n`` after 2 warm-up steps) and the projection."""
     run.model.train()
-    times = []
-    for i in range(n + 2):
-        t0 = time.time()
-        run.train_step()
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.time() - t0)
-    per_step = float(np.median(times))
-    t0 = time.time()
-    run.val_loss()
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
+    per_step = bench.time_fn(run.train_step, warmup=2, repeats=n, device=run.device).median
+    per_eval = bench.time_fn(run.val_loss, warmup=0, repeats=1, device=run.device).median
     evals = run.total_steps // run.settings["eval_interval_steps"] + 1
-    minutes = (run.total_steps * per_step + evals * (time.time() - t0)) / 60
+    minutes = (run.total_steps * per_step + evals * per_eval) / 60
     print(f"{run.name:18s} {per_step * 1000:8.1f} ms/step {run.tokens_per_step / per_step:>11,.0f} "
           f"tok/s  -> {run.total_steps} steps + {evals} evals ~ {minutes:.2f} min", flush=True)
     return dict(s_per_step=per_step, minutes=minutes)

@@ -35,3 +35,9 @@ def test_prefetch_offline_is_a_clear_error():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "prefetch_models.py"),
                         "mamba-130m"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "TROUBLESHOOTING.md" in r.stderr
+
+
+def test_prefetch_refuses_zoo_models_with_a_reason():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "prefetch_models.py"), "tiny-mamba",
+                        "--dry-run"], capture_output=True, text=True)
+    assert r.returncode == 2 and "data/zoo" in r.stderr
