@@ -60,12 +60,21 @@ def test_gradients_flow_and_match_reference():
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-4, rtol=1e-3)
 
 
-def test_dispatch():
+def test_dispatch(monkeypatch):
     u = torch.zeros(1, 2, 3)
     assert fast.choose_backend(u) in ("chunked", "triton")
     assert fast.choose_backend(u, needs_grad=True) == "chunked"
     with pytest.raises(ValueError, match="backend"):
         fast.selective_scan(u, u, torch.zeros(2, 4), u, u, backend="magic")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert fast.choose_backend(u) == "chunked"  # a CPU tensor, no interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fast, "triton_available", lambda: True)
+    assert fast.choose_backend(u) == "triton" and fast.choose_backend(u, True) == "chunked"
+    w = torch.zeros(1, 2, 3, requires_grad=True)  # the Triton scan cannot give gradients
+    with pytest.raises(ValueError, match="forward-only"):
+        fast.selective_scan(w, u, torch.zeros(2, 4), torch.zeros(1, 4, 3),
+                            torch.zeros(1, 4, 3), backend="triton")
 
 
 TRITON_SCRIPT = textwrap.dedent("""
@@ -160,6 +169,17 @@ def test_generator_refuses_other_models():
                       num_attention_heads=2, vocab_size=64)
     with pytest.raises(TypeError, match="MambaForCausalLM"):
         fast.MambaFastGenerator(LlamaForCausalLM(cfg))
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM  # normalises dt, B, C
+
+    falcon = FalconMambaConfig(hidden_size=32, state_size=4, num_hidden_layers=1, vocab_size=64)
+    with pytest.raises(TypeError, match="MambaForCausalLM"):
+        fast.MambaFastGenerator(FalconMambaForCausalLM(falcon))
+    gen = fast.MambaFastGenerator(_tiny_mamba(), use_graph=False)  # padded prompts: refused
+    from effarch import bench
+
+    ids = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="unpadded"):
+        bench.greedy_decode(gen, ids, 3, attention_mask=torch.ones_like(ids))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

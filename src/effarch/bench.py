@@ -247,7 +247,8 @@ def _mambapy_available() -> bool:
 
 
 def mamba_path(model: torch.nn.Module) -> str:
-    """Which Mamba path runs for this model, one of `MAMBA_PATHS`.
+    """Which Mamba path runs for this model: one of `MAMBA_PATHS`, or an effarch.fast
+    generator's own `path` ("effarch fast path (...)", naming its scan and decode).
 
     transformers 5 (``modeling_mamba.py``) binds each scan function once, at import, to
     mamba-ssm's kernel when the package imports, whatever the device; otherwise to its PyTorch
@@ -377,6 +378,9 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     the state to decode from. Call under ``torch.no_grad()``. ``params``, the forward's
     parameter names, can be passed in to keep reading the signature out of a timed region."""
     if _is_fast(model):
+        if attention_mask is not None:  # its prefill reads every position: padding would count
+            raise ValueError("effarch.fast's generator takes unpadded prompts only: pass "
+                             "attention_mask=None (rows of equal length)")
         logits = model.prefill(input_ids)
         return logits.argmax(-1, keepdim=True), DecodeState("effarch.fast", None,
                                                             input_ids.shape[1], False, None, None)

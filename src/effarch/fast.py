@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from effarch.ssm import selective_scan_ref
+from effarch.ssm import _prepare_delta, _readout, selective_scan_ref
 
 BACKENDS = ("auto", "triton", "chunked", "reference")
 
@@ -47,13 +47,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _triton_runs(device: torch.device) -> bool:
+    """Triton kernels run for tensors on ``device``: CUDA, or anywhere in interpreter mode."""
+    return triton_available() and (device.type == "cuda" or _interpreting())
+
+
 def choose_backend(u: torch.Tensor, needs_grad: bool = False) -> str:
     """The best backend for this tensor: Triton on CUDA for inference, else the chunked scan."""
-    if needs_grad:
-        return "chunked"
-    if triton_available() and (u.is_cuda or _interpreting()):
-        return "triton"
-    return "chunked"
+    return "triton" if not needs_grad and _triton_runs(u.device) else "chunked"
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -69,6 +70,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         t is not None and t.requires_grad for t in tensors)
     if backend == "auto":
         backend = choose_backend(u, needs_grad)
+    elif backend == "triton" and needs_grad:
+        raise ValueError("the Triton scan is forward-only: with gradients use backend='auto' or "
+                         "'chunked'")
     if B.dim() != 3 or C.dim() != 3:  # grouped or fixed B/C: only the reference takes them
         backend = "reference"
     fn = {"triton": selective_scan_triton, "chunked": selective_scan_chunked,
@@ -87,11 +91,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """
     b, d, length = u.shape
     n = A.shape[-1]
-    dt = delta.float()
-    if delta_bias is not None:
-        dt = dt + delta_bias.float()[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    dt = _prepare_delta(delta, delta_bias, delta_softplus)  # (b, d, l) float32
     # time-major and contiguous, so that every step below reads one contiguous slice
     dt_t = dt.permute(2, 0, 1).contiguous()                  # (l, b, d)
     dtu_t = (dt * u.float()).permute(2, 0, 1).contiguous()   # (l, b, d)
@@ -121,15 +121,6 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         ys.append(torch.einsum("mbdn,mbn->mbd", hs, C_t[s:e]))   # (m, b, d)
     out = _readout(torch.cat(ys).permute(1, 2, 0), u, D, z)
     return (out, h) if return_last_state else out
-
-
-def _readout(y, u, D, z):
-    """y + D·u, gated by silu(z) (Mamba block, Fig. 3), cast to u's dtype."""
-    if D is not None:
-        y = y + D.float()[:, None] * u.float()
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(u.dtype)
 
 
 # --- the Triton scan -------------------------------------------------------------------------
@@ -213,7 +204,8 @@ class MambaFastGenerator:
     def __init__(self, model, *, use_graph: bool | None = None, backend: str = "auto",
                  kernels: bool | None = None):
         cfg = model.config
-        if getattr(cfg, "model_type", "") not in ("mamba", "falcon_mamba"):
+        # FalconMamba's mixer normalises dt, B and C after the split, which this path does not
+        if getattr(cfg, "model_type", "") != "mamba":
             raise TypeError(f"MambaFastGenerator needs a MambaForCausalLM, got {type(model)}")
         self.model, self.cfg, self.backend = model, cfg, backend
         self.layers = [blk for blk in model.backbone.layers]
@@ -224,8 +216,9 @@ class MambaFastGenerator:
         self.rank = first.dt_proj.weight.shape[1]
         self.eps = cfg.layer_norm_epsilon
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
-        on_triton = triton_available() and (self.device.type == "cuda" or _interpreting())
-        self.kernels = on_triton if kernels is None else kernels
+        # the fused step keeps the residual in float32, as Mamba's configs ask (residual_in_fp32)
+        fused_ok = _triton_runs(self.device) and cfg.residual_in_fp32
+        self.kernels = fused_ok if kernels is None else kernels
         self._A = [-torch.exp(blk.mixer.A_log.float()) for blk in self.layers]
         self._batch = None
         self._graph = None
@@ -235,7 +228,7 @@ class MambaFastGenerator:
         step = ("fused Triton step, " if self.kernels else "") + (
             "CUDA graph" if self.use_graph else "eager")
         scan = self.backend if self.backend != "auto" else (
-            "triton" if self.device.type == "cuda" and triton_available() else "chunked")
+            "triton" if _triton_runs(self.device) else "chunked")
         return f"effarch fast path ({scan} scan prefill, {step} decode)"
 
     def _allocate(self, batch: int) -> None:
