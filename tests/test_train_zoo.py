@@ -229,15 +229,23 @@ def test_eval_zoo_on_the_smoke_models(smoke, ez, monkeypatch):
     assert "xz -9e" in readme and "tiny-moe" in readme
 
 
-def test_per_layer_aux_loss_option(tz, tmp_path):
+def test_per_layer_aux_loss_option(tz, tmp_path, monkeypatch):
     import numpy as np
+    from transformers.models.mixtral import modeling_mixtral
 
     settings = tz.load_settings(smoke=True)
     settings["models"]["tiny-moe"]["aux_loss"] = "per_layer"
     tokens = np.arange(5000, dtype=np.uint16) % 4096
     sampler = tz.WindowSampler(tokens, settings["seq_len"], settings["batch_size"], 0)
     run = tz.Run("tiny-moe", settings, torch.device("cpu"), tmp_path, None, sampler, None, None)
+    layers_seen = []  # how many layers' router logits each call of the balancing loss pools
+    real = modeling_mixtral.load_balancing_loss_func
+    monkeypatch.setattr(modeling_mixtral, "load_balancing_loss_func",
+                        lambda gates, *a, **k: layers_seen.append(len(gates)) or real(gates, *a, **k))
     ce, aux = run.train_step()
+    n_layers = run.cfg.num_hidden_layers
+    assert layers_seen.count(1) == n_layers  # the option: one call per MoE layer
+    assert n_layers > 1
     assert math.isfinite(ce) and 1.0 < aux < 8.0  # top-2 routing: about 2 near uniform
     pooled = tz.load_settings(smoke=True)
     pooled["models"]["tiny-moe"]["aux_loss"] = "pooled"
