@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from effarch import bench, data, memory, models, profile  # noqa: E402
+from effarch import bench, data, memory, models, paths, profile  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("train_zoo", ROOT / "scripts" / "train_zoo.py")
 tz = importlib.util.module_from_spec(_spec)
@@ -228,11 +228,11 @@ def evaluate(name: str, args, text: str, ids: torch.Tensor,
                                 routes=routes, ids=ids)
     eval_s = time.perf_counter() - t0
     pc = memory.count_params(cfg)
-    meta_path = profile.zoo_dir() / name / "train_meta.json"
+    meta_path = paths.zoo_dir() / name / "train_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     result = dict(name=name, model_class=type(model).__name__, load_s=load_s, eval_s=eval_s,
                   validation=bpb, params=dict(total=pc.total, active=pc.active),
-                  weights_bytes=(profile.zoo_dir() / name / "model.safetensors").stat().st_size,
+                  weights_bytes=(paths.zoo_dir() / name / "model.safetensors").stat().st_size,
                   mamba_path=bench.mamba_path(model), train_meta=meta,
                   samples={k: generate(model, tokenizer, p, args.new_tokens, args.seed)
                            for k, p in PROMPTS.items()})
@@ -377,7 +377,7 @@ Licence: the weights are derived from the corpus (see `data/corpus/README.md`).
 def fake_root(zoo: Path) -> Path:
     """A repository root whose data/zoo holds ``zoo``'s models (symbolic links) and the real
     tokenizer and corpus, for EFFARCH_ROOT: so models trained elsewhere load via load_model."""
-    real = profile.data_dir()
+    real = paths.data_dir()
     root = Path(tempfile.mkdtemp(prefix="zoo-eval-"))
     (root / "data" / "zoo").mkdir(parents=True)
     (root / "data" / "corpus").symlink_to(real / "corpus", target_is_directory=True)
@@ -417,7 +417,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     saved_root = os.environ.get("EFFARCH_ROOT")
-    readme = (args.zoo or profile.zoo_dir()) / "README.md"
+    readme = (args.zoo or paths.zoo_dir()) / "README.md"
     root = fake_root(args.zoo) if args.zoo is not None else None
     if root is not None:
         os.environ["EFFARCH_ROOT"] = str(root)
@@ -449,7 +449,7 @@ def _evaluate_all(args: argparse.Namespace, readme: Path, start: float) -> list[
         raise SystemExit(f"unknown model(s) {', '.join(sorted(wanted - set(models.ZOO_NAMES)))}"
                          f"; choose from {', '.join(models.ZOO_NAMES)}")
     names = [n for n in models.ZOO_NAMES if n in wanted]
-    missing = [n for n in names if not (profile.zoo_dir() / n / "model.safetensors").is_file()]
+    missing = [n for n in names if not (paths.zoo_dir() / n / "model.safetensors").is_file()]
     if missing:
         raise SystemExit(f"not trained yet: {', '.join(missing)} (run scripts/train_zoo.py)")
     tokenizer = data.load_tokenizer()

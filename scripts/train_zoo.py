@@ -48,7 +48,7 @@ import transformers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig  # noqa: E402
 
-from effarch import bench, data, memory, models, profile  # noqa: E402
+from effarch import bench, data, memory, models, paths, profile  # noqa: E402
 
 CONFIG_FILE = ROOT / "data" / "zoo" / "zoo_config.json"
 NAMES = models.ZOO_NAMES
@@ -684,7 +684,7 @@ def _main(args: argparse.Namespace) -> dict:
     deadline = start + 60 * args.max_minutes if args.max_minutes else float("inf")
     settings = load_settings(args.config, smoke=args.smoke)
     if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix="zoo-smoke-")) if args.smoke else profile.zoo_dir()
+        args.out = Path(tempfile.mkdtemp(prefix="zoo-smoke-")) if args.smoke else paths.zoo_dir()
     if args.work is None:
         args.work = args.out / "_work" if args.smoke else ROOT / "runs" / "zoo"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

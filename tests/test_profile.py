@@ -1,6 +1,6 @@
 import pytest
 
-from effarch import profile
+from effarch import paths, profile
 
 
 def test_tiny_when_asked(monkeypatch):
@@ -53,16 +53,16 @@ def test_bad_value_names_the_choices(monkeypatch):
 
 
 def test_paths_do_not_depend_on_cwd(monkeypatch, tmp_path):
-    root = profile.repo_root()
+    root = paths.repo_root()
     monkeypatch.chdir(tmp_path)
-    assert profile.repo_root() == root
+    assert paths.repo_root() == root
     assert (root / "pyproject.toml").is_file()
-    assert profile.zoo_dir() == root / "data" / "zoo"
+    assert paths.zoo_dir() == root / "data" / "zoo"
 
 
 def test_root_override_and_missing_repo(monkeypatch, tmp_path):
     monkeypatch.setenv("EFFARCH_ROOT", str(tmp_path))
-    assert profile.repo_root() == tmp_path.resolve()
+    assert paths.repo_root() == tmp_path.resolve()
 
 
 def test_strict(monkeypatch):

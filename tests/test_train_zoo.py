@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from effarch import memory, profile
+from effarch import memory, paths, profile
 
-SCRIPT = profile.repo_root() / "scripts" / "train_zoo.py"
+SCRIPT = paths.repo_root() / "scripts" / "train_zoo.py"
 
 
 @pytest.fixture(scope="module")

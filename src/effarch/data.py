@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from effarch import profile
+from effarch import paths
 
 SPLITS = ("train", "validation")
 DOMAINS = ("code", "prose", "arithmetic", "structured")
@@ -44,11 +44,11 @@ class Document:
 
 
 def corpus_dir() -> Path:
-    return profile.data_dir() / "corpus"
+    return paths.data_dir() / "corpus"
 
 
 def tokenizer_dir() -> Path:
-    return profile.zoo_dir() / "tokenizer"
+    return paths.zoo_dir() / "tokenizer"
 
 
 def _check_split(split: str) -> str:
@@ -158,7 +158,7 @@ def load_tokenizer():
 
 
 def long_document_dir() -> Path:
-    return profile.data_dir() / "long_document"
+    return paths.data_dir() / "long_document"
 
 
 @functools.cache

@@ -257,7 +257,7 @@ def estimate_weights_bytes(name_or_config, dtype="bfloat16", quantization: str |
 
 def _resolve_config(name_or_config):
     if isinstance(name_or_config, str):
-        from effarch.models import get_config
+        from effarch.registry import get_config
 
         return get_config(name_or_config)
     return name_or_config

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 PROFILES = ("tiny", "full", "auto")
 WEIGHTS = ("pretrained", "random")
@@ -42,33 +41,6 @@ class Profile:
     def describe(self) -> str:
         w = ", random weights at the real configs" if self.random_weights else ""
         return f"profile {self.name}{w} on {self.device} — {self.reason}"
-
-
-def repo_root() -> Path:
-    """The repository's root, found from this file (nbmake runs notebooks from their folder).
-
-    ``EFFARCH_ROOT`` overrides it (for an installed, non-editable copy of the package).
-    """
-    env = os.environ.get("EFFARCH_ROOT")
-    if env:
-        return Path(env).resolve()
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "pyproject.toml").is_file() and (parent / "data").is_dir():
-            return parent
-    raise FileNotFoundError(
-        "effarch cannot find the course repository (a folder with pyproject.toml and data/). "
-        "Install it editable (`make lab` does) or set EFFARCH_ROOT to the repository's path. "
-        "See TROUBLESHOOTING.md, section 'Repository not found'."
-    )
-
-
-def data_dir() -> Path:
-    return repo_root() / "data"
-
-
-def zoo_dir() -> Path:
-    return data_dir() / "zoo"
 
 
 def default_device() -> str:
@@ -117,9 +89,9 @@ def get_profile() -> Profile:
     if not device.startswith("cuda"):
         return Profile("tiny", weights, device, "auto: no CUDA GPU, so the offline tiny zoo",
                        requested)
-    from effarch import models
+    from effarch import registry
 
-    missing = [n for n in models.full_profile_names() if not models.is_cached(n)]
+    missing = [n for n in registry.full_profile_names() if not registry.is_cached(n)]
     if missing:
         return Profile("tiny", weights, device,
                        f"auto: a GPU is present but {len(missing)} full model(s) are not in the "
