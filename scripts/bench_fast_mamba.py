@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from effarch import bench, fast, models
+from effarch import backends, bench, fast, models
 from effarch.ssm import selective_scan_ref
 
 ROWS: list[dict] = []
@@ -116,7 +116,7 @@ def mamba_section(args, bw: float) -> None:
 
 
 def mamba_path_note(model) -> str:
-    return f"({bench.mamba_path(model)})"
+    return f"({backends.mamba_path(model)})"
 
 
 def decode_section(model, gen, ids, roof, dev, args) -> None:

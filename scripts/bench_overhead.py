@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from effarch import bench
+from effarch import bench, decoding
 from effarch.profile import default_device
 
 
@@ -124,12 +124,13 @@ def loop_cost_us(device: torch.device, new_tokens: int, runs: int = 300) -> tupl
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             out = model(input_ids=token, use_cache=True, cache=out.cache)
 
-    def harness():
-        token, state = bench.prefill(model, ids, None, params)
-        for _ in range(new_tokens - 1):
-            token = bench.decode_step(model, state, token)
+    decoder = decoding.as_decoder(model)  # built once, as bench.measure_generation does
 
-    params = set(inspect.signature(model.forward).parameters)
+    def harness():
+        token = decoder.prefill(ids).argmax(-1)
+        for _ in range(new_tokens - 1):
+            token = decoder.step(token).argmax(-1)
+
     costs = {bare: [], harness: []}
     with torch.no_grad():
         for _ in range(5):

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from effarch import bench
+from effarch import backends, bench, compat, decoding
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,7 +65,7 @@ def test_greedy_decode_matches_generate(name):
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # a left-padded row: the mask and the positions must follow generate()
     for attention_mask in (None, mask):
-        ours = bench.greedy_decode(model, ids, 6, attention_mask=attention_mask)
+        ours = decoding.greedy_decode(model, ids, 6, attention_mask=attention_mask)
         ref = model.generate(ids, attention_mask=attention_mask, max_new_tokens=6,
                              do_sample=False)[:, ids.shape[1]:]
         assert ours.shape == (2, 6)
@@ -119,7 +119,7 @@ def test_decode_rate_counts_generated_tokens_only(monkeypatch, sync_every_token)
     assert res.decode_ms_per_token == pytest.approx(100.0)
     assert res.prefill_tokens_per_s == pytest.approx(3 * 10 / 1.0)
     assert res.mamba_path == "n/a" and res.model_class == "CountingModel"
-    assert bench.greedy_decode(model, ids[:1], 4).tolist() == [[6, 7, 8, 9]]
+    assert decoding.greedy_decode(model, ids[:1], 4).tolist() == [[6, 7, 8, 9]]
 
 
 def test_time_fn_excludes_warmup(monkeypatch):
@@ -266,21 +266,24 @@ def test_evaluate_text(llama):
 # ---------------------------------------------------------------- Mamba path
 
 def test_mamba_path(llama, mamba):
-    assert bench.mamba_path(llama) == "n/a"
-    assert bench.mamba_path(mamba) == "sequential fallback"  # no mamba-ssm on the test machine
-    if bench.available_mamba_paths()["mambapy parallel scan"]:
-        assert bench.mamba_path(_tiny("mamba", use_mambapy=True)) == "mambapy parallel scan"
+    assert backends.mamba_path(llama) == "n/a"
+    assert backends.mamba_path(mamba) == "sequential fallback"  # no mamba-ssm on the test machine
+    if backends.available_mamba_paths()["mambapy parallel scan"]:
+        assert backends.mamba_path(_tiny("mamba", use_mambapy=True)) == "mambapy parallel scan"
     from effarch.fast import MambaFastGenerator
 
     gen = MambaFastGenerator(_tiny("mamba"), use_graph=False)
-    assert bench.mamba_path(gen).startswith("effarch fast path")
+    assert gen.mamba_path.startswith("effarch fast path")
+    # the protocol reads each decoder's own path: no test of which kind of model it holds
+    assert decoding.as_decoder(gen).mamba_path == gen.path
+    assert decoding.as_decoder(mamba).mamba_path == "sequential fallback"
 
 
 def test_mamba_path_reads_transformers_kernel_binding(mamba, monkeypatch):
     from transformers.models.mamba import modeling_mamba
 
     # the installed wrapper is the one we read: bound to its PyTorch reference here
-    assert bench._resolved_to_package(modeling_mamba.mamba_selective_scan) is False
+    assert compat.resolved_to_package(modeling_mamba.mamba_selective_scan) is False
 
     def bound(resolved):
         is_new_implementation = resolved
@@ -290,10 +293,10 @@ def test_mamba_path_reads_transformers_kernel_binding(mamba, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(modeling_mamba, "mamba_selective_scan", bound(True))
-    assert bench.mamba_path(mamba) == "mamba-ssm kernels"
+    assert backends.mamba_path(mamba) == "mamba-ssm kernels"
 
 
 def test_available_mamba_paths():
-    paths = bench.available_mamba_paths()
+    paths = backends.available_mamba_paths()
     assert paths["sequential fallback"] is True
-    assert set(bench.MAMBA_PATHS) - {"n/a"} <= set(paths)
+    assert set(backends.MAMBA_PATHS) - {"n/a"} <= set(paths)

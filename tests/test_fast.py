@@ -175,11 +175,11 @@ def test_generator_refuses_other_models():
     with pytest.raises(TypeError, match="MambaForCausalLM"):
         fast.MambaFastGenerator(FalconMambaForCausalLM(falcon))
     gen = fast.MambaFastGenerator(_tiny_mamba(), use_graph=False)  # padded prompts: refused
-    from effarch import bench
+    from effarch import decoding
 
     ids = torch.ones(2, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="unpadded"):
-        bench.greedy_decode(gen, ids, 3, attention_mask=torch.ones_like(ids))
+        decoding.greedy_decode(gen, ids, 3, attention_mask=torch.ones_like(ids))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -211,12 +211,12 @@ def test_graph_decode_on_gpu_matches_transformers():
 
 
 def test_bench_measures_the_fast_path_with_the_same_protocol():
-    from effarch import bench
+    from effarch import bench, decoding
 
     model = _tiny_mamba()
     gen = fast.MambaFastGenerator(model, use_graph=False)
     ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(bench.greedy_decode(gen, ids, 10), bench.greedy_decode(model, ids, 10))
+    assert torch.equal(decoding.greedy_decode(gen, ids, 10), decoding.greedy_decode(model, ids, 10))
     fast_r = bench.measure_generation(gen, ids, new_tokens=4, warmup=0, repeats=1)
     slow_r = bench.measure_generation(model, ids, new_tokens=4, warmup=0, repeats=1)
     assert fast_r.mamba_path.startswith("effarch fast path")
@@ -234,7 +234,7 @@ def test_grouped_b_and_c_go_to_the_reference():
 
 
 def test_generator_scores_a_text_like_the_model():
-    from effarch import bench, memory
+    from effarch import bench, compat, memory
 
     model = _tiny_mamba()
     ids = torch.randint(0, 300, (1, 90), generator=torch.Generator().manual_seed(5))
@@ -247,7 +247,7 @@ def test_generator_scores_a_text_like_the_model():
     torch.testing.assert_close(every[:, -1], gen.prefill(ids), atol=1e-5, rtol=1e-5)
     # the generator's state is counted like transformers' cache, byte for byte
     mine = memory.measure_cache_bytes(gen)
-    theirs = memory.measure_cache_bytes(bench.returned_cache(out))
+    theirs = memory.measure_cache_bytes(compat.returned_cache(out))
     assert (mine.conv, mine.ssm, mine.dtypes) == (theirs.conv, theirs.ssm, theirs.dtypes)
     assert mine.total == memory.ssm_state_bytes(model.config, 1, torch.float32)
     slow = bench.sliding_window_perplexity(model, ids, max_length=32, stride=16)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-from effarch import bench, data, fast, memory, plots
+from effarch import bench, compat, data, decoding, fast, memory, plots
 
 matplotlib.use("Agg")
 
@@ -45,7 +45,7 @@ def real_cache(model, seq_len: int, batch: int) -> memory.CacheBytes:
     ids = torch.randint(0, 97, (batch, seq_len), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-    return memory.measure_cache_bytes(bench.returned_cache(out))
+    return memory.measure_cache_bytes(compat.returned_cache(out))
 
 
 @pytest.mark.parametrize("family", ["llama", "phi", "mixtral", "jamba"])
@@ -95,8 +95,8 @@ def test_measure_cache_bytes_reads_older_cache_layouts():
 
 
 def test_returned_cache_and_decode_tokens_per_s():
-    assert bench.returned_cache(types.SimpleNamespace(logits=None)) is None
-    assert bench.returned_cache(types.SimpleNamespace(cache_params="c")) == "c"
+    assert compat.returned_cache(types.SimpleNamespace(logits=None)) is None
+    assert compat.returned_cache(types.SimpleNamespace(cache_params="c")) == "c"
     assert bench.decode_tokens_per_s(2.5, 0.5, 4, 101) == pytest.approx(200.0)
 
 
@@ -132,7 +132,7 @@ def test_fast_path_generates_what_transformers_generates():
     model = build("mamba", torch.float32)
     ids = bench.random_input_ids(97, 10)
     fast_tokens = fast.MambaFastGenerator(model).generate(ids, 6)[:, 10:]
-    assert torch.equal(fast_tokens, bench.greedy_decode(model, ids, 6))
+    assert torch.equal(fast_tokens, decoding.greedy_decode(model, ids, 6))
 
 
 def test_plots_name_the_device_and_label_the_axes():

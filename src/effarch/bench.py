@@ -1,4 +1,4 @@
-"""The measurement protocol: timing, prefill against decode, peak memory, perplexity, bits per byte.
+"""The measurement protocol: timing, device memory, prefill against decode, context sweeps.
 
 DESIGN.md, "Measurement protocol": warm up before timing; synchronise the device around every
 timed region; report the median and spread of several repeats; reset peak memory after the model
@@ -7,27 +7,26 @@ every result records the device, dtype, profile and which Mamba path ran.
 
 Letters in shape comments: b batch, l prompt length, n new tokens, V vocabulary, N text tokens.
 
-Generation here is our own greedy loop over the model's forward and its cache (``use_cache=True``),
-not timed ``generate()`` calls, so prefill and decode are separated exactly. It follows
-transformers' greedy search (``GenerationMixin._sample`` with ``do_sample=False``) and a test
-checks that it produces the same tokens as ``generate()``.
+Generation here is a greedy loop over ``effarch.decoding``'s interface (a transformers model over
+its cache, or ``effarch.fast``'s generator), not timed ``generate()`` calls, so prefill and decode
+are separated exactly; a test checks that it produces the same tokens as ``generate()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
-import inspect
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
+
+from effarch import compat
+from effarch.decoding import Decoder, as_decoder, inference
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,14 +47,6 @@ def _no_gc():
     finally:
         if enabled:
             gc.enable()
-
-
-# transformers names the cache differently across versions: 5.17 returns and takes
-# `past_key_values` (attention models) or `cache_params` (Mamba); 5.24 `cache` for every model.
-CACHE_NAMES = ("past_key_values", "cache", "cache_params")
-
-MAMBA_PATHS = ("mamba-ssm kernels", "mambapy parallel scan", "sequential fallback",
-               "effarch fast path", "n/a")
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,262 +187,22 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
 
 
 # --------------------------------------------------------------------------------------------
-# which Mamba path runs
+# timed greedy generation
 # --------------------------------------------------------------------------------------------
 
-def _is_mamba_mixer(module: torch.nn.Module) -> bool:
-    name = type(module).__name__
-    # BambaMixer / FalconH1Mixer carry no "Mamba" in their names but the SSM's A_log
-    return "Mixer" in name and ("Mamba" in name or hasattr(module, "A_log"))
-
-
-def mamba_mixers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's Mamba mixers (Mamba, FalconMamba, Mamba2, Jamba, Zamba, Bamba, …)."""
-    return [m for m in model.modules() if _is_mamba_mixer(m)]
-
-
-def _resolved_to_package(fn) -> bool | None:
-    """Did transformers' ``use_kernel_func_from_hub_with_fallback`` (5.x,
-    ``integrations/hub_kernels.py``) bind ``fn`` to the package's kernel (True) or to its
-    PyTorch reference (False)? None when ``fn`` is not such a wrapper."""
-    for _ in range(4):  # the hub decorator may wrap the fallback wrapper once more
-        code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
-        if code is not None and cells and "is_new_implementation" in code.co_freevars:
-            return bool(cells[code.co_freevars.index("is_new_implementation")].cell_contents)
-        fn = getattr(fn, "__wrapped__", None)
-        if fn is None:
-            return None
-    return None
-
-
-def _kernels_run(mixer: torch.nn.Module) -> bool:
-    """Whether the mixer's modeling module sends its scan to mamba-ssm's kernels."""
-    module = sys.modules.get(type(mixer).__module__)
-    legacy = getattr(module, "is_fast_path_available", None)  # transformers 4.x
-    if legacy is not None:
-        return bool(legacy) and mixer.in_proj.weight.device.type == "cuda"
-    for name in ("mamba_selective_scan", "mamba_chunk_scan_combined",
-                 "mamba_split_conv1d_scan_combined", "selective_scan_fn"):
-        resolved = _resolved_to_package(getattr(module, name, None))
-        if resolved is not None:
-            return resolved
-    return importlib.util.find_spec("mamba_ssm") is not None
-
-
-def _mambapy_available() -> bool:
-    try:
-        from transformers.utils.import_utils import is_mambapy_available
-    except ImportError:
-        return importlib.util.find_spec("mambapy") is not None
-    return bool(is_mambapy_available())
-
-
-def mamba_path(model: torch.nn.Module) -> str:
-    """Which Mamba path runs for this model: one of `MAMBA_PATHS`, or an effarch.fast
-    generator's own `path` ("effarch fast path (...)", naming its scan and decode).
-
-    transformers 5 (``modeling_mamba.py``) binds each scan function once, at import, to
-    mamba-ssm's kernel when the package imports, whatever the device; otherwise to its PyTorch
-    reference, which runs mambapy's parallel scan (``pscan``) for a full sequence when
-    ``config.use_mambapy`` and mambapy is installed, and a Python loop over the sequence
-    otherwise. A decode step (one token) always uses the single-step state update.
-    """
-    if _is_fast(model):  # an effarch.fast generator over a transformers Mamba
-        return model.path
-    mixers = mamba_mixers(model)
-    if not mixers:
-        return "n/a"
-    mixer = mixers[0]
-    if _kernels_run(mixer) or getattr(model, "use_kernels", False) is True:
-        return "mamba-ssm kernels"
-    if getattr(mixer, "use_mambapy", False) and _mambapy_available():
-        return "mambapy parallel scan"
-    return "sequential fallback"
-
-
-def _version(package: str) -> str | bool:
-    if importlib.util.find_spec(package) is None:
-        return False
-    try:
-        from importlib.metadata import version
-        return version(package.replace("_", "-"))
-    except Exception:  # importable but not installed as a distribution (e.g. from a path)
-        return True
-
-
-def available_mamba_paths() -> dict[str, bool | str]:
-    """Which Mamba paths this environment can run, with the packages' versions (for
-    ``python -m effarch doctor``). Imports none of the kernel packages."""
-    cuda = torch.cuda.is_available()
-    mamba_ssm, conv = _version("mamba_ssm"), _version("causal_conv1d")
-    return {
-        "cuda": cuda,
-        "mamba_ssm": mamba_ssm,
-        "causal_conv1d": conv,
-        "mambapy": _version("mambapy"),
-        "mamba-ssm kernels": bool(mamba_ssm) and cuda,
-        "mambapy parallel scan": _mambapy_available(),
-        "sequential fallback": True,
-        "effarch fast path": _fast_path_description(cuda),
-    }
-
-
-def _fast_path_description(cuda: bool) -> str:
-    """What ``effarch.fast`` would run here (prefill scan, decode step)."""
-    triton = importlib.util.find_spec("triton") is not None
-    if cuda and triton:
-        return "yes: Triton scan prefill, fused Triton decode step in a CUDA graph"
-    if cuda:
-        return "yes: chunked PyTorch scan prefill, CUDA-graph decode (Triton missing)"
-    return "yes: chunked PyTorch scan prefill, eager decode (no CUDA GPU)"
-
-
-# --------------------------------------------------------------------------------------------
-# greedy prefill and decode over the model's cache
-# --------------------------------------------------------------------------------------------
-
-def _is_fast(model) -> bool:
-    """An ``effarch.fast.MambaFastGenerator`` (measured with the same protocol as a model)."""
-    return hasattr(model, "prefill") and hasattr(model, "step") and hasattr(model, "path")
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    if _is_fast(model):
-        return model.device
-    return next(model.parameters()).device
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    if _is_fast(model):
-        return model.dtype
-    return next(model.parameters()).dtype
-
-
-@contextlib.contextmanager
-def _inference(model: torch.nn.Module):
-    """``eval()`` (no dropout; Mamba's training path differs) and no autograd, then restore."""
-    model = model.model if _is_fast(model) else model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-@dataclass
-class DecodeState:
-    """What a decode step needs: the cache under the name this model's forward uses for it, and
-    the attention mask and positions when the caller passed a mask (padded batches)."""
-
-    cache_name: str
-    cache: object
-    past_length: int
-    pass_cache_position: bool  # transformers 4.x Mamba tells decode from prefill by it
-    attention_mask: torch.Tensor | None  # (b, l + steps so far) or None
-    position_ids: torch.Tensor | None  # (b, 1): the last position used, or None
-
-
-def _forward_params(model: torch.nn.Module) -> set[str]:
-    if _is_fast(model):
-        return set()
-    return set(inspect.signature(model.forward).parameters)
-
-
-def _find_cache(out, params: set[str]) -> tuple[str, object]:
-    """The cache in ``out`` and the keyword the forward takes it by: the name in the forward's
-    signature (5.24 still answers to the old names, with a deprecation warning), else the
-    name the output carries it under."""
-    names = [n for n in CACHE_NAMES if n in params] + list(CACHE_NAMES)
-    for name in names:
-        cache = getattr(out, name, None)
-        if cache is not None:
-            return name, cache
-    raise ValueError(f"the model returned no cache (looked for {', '.join(CACHE_NAMES)}); "
-                     "measure_generation needs a model that supports use_cache=True")
-
-
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            params: set[str] | None = None) -> tuple[torch.Tensor, DecodeState]:
-    """One forward over the prompt ``input_ids`` (b, l): the first generated token (b, 1) and
-    the state to decode from. Call under ``torch.no_grad()``. ``params``, the forward's
-    parameter names, can be passed in to keep reading the signature out of a timed region."""
-    if _is_fast(model):
-        if attention_mask is not None:  # its prefill reads every position: padding would count
-            raise ValueError("effarch.fast's generator takes unpadded prompts only: pass "
-                             "attention_mask=None (rows of equal length)")
-        logits = model.prefill(input_ids)
-        return logits.argmax(-1, keepdim=True), DecodeState("effarch.fast", None,
-                                                            input_ids.shape[1], False, None, None)
-    params = _forward_params(model) if params is None else params
-    kwargs = {"use_cache": True}
-    if "logits_to_keep" in params:  # as generate() does: only the last position's logits
-        kwargs["logits_to_keep"] = 1
-    position_ids = None
-    if attention_mask is not None and "position_ids" in params:  # left padding, as generate()
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        kwargs["position_ids"] = position_ids
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    out = model(input_ids=input_ids, **kwargs)
-    name, cache = _find_cache(out, params)
-    # generate() drops the mask on Mamba's decode steps; attention models need it extended
-    keep_mask = position_ids is not None
-    state = DecodeState(name, cache, input_ids.shape[1], "cache_position" in params,
-                        attention_mask if keep_mask else None,
-                        position_ids[:, -1:] if keep_mask else None)
-    return out.logits[:, -1, :].argmax(dim=-1, keepdim=True), state  # (b, 1)
-
-
-def decode_step(model, state: DecodeState, token: torch.Tensor) -> torch.Tensor:
-    """Feed the last token (b, 1), update ``state`` in place, return the next token (b, 1)."""
-    if _is_fast(model):
-        state.past_length += 1
-        return model.step(token.view(-1)).argmax(-1, keepdim=True)
-    kwargs = {"use_cache": True, state.cache_name: state.cache}
-    if state.pass_cache_position:
-        kwargs["cache_position"] = torch.tensor([state.past_length], device=token.device)
-    if state.attention_mask is not None:
-        ones = state.attention_mask.new_ones((token.shape[0], 1))
-        state.attention_mask = torch.cat([state.attention_mask, ones], dim=-1)
-        state.position_ids = state.position_ids + 1
-        kwargs.update(attention_mask=state.attention_mask, position_ids=state.position_ids)
-    out = model(input_ids=token, **kwargs)
-    cache = getattr(out, state.cache_name, None)
-    state.cache = state.cache if cache is None else cache
-    state.past_length += 1
-    return out.logits[:, -1, :].argmax(dim=-1, keepdim=True)  # (b, 1)
-
-
-def greedy_decode(model, input_ids: torch.Tensor, new_tokens: int = 32,
-                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy continuation of ``input_ids`` (b, l): the ``new_tokens`` generated tokens (b, n),
-    with no stop at end-of-sequence. Matches ``generate(do_sample=False)``."""
-    device = _model_device(model)
-    input_ids = input_ids.to(device)
-    attention_mask = None if attention_mask is None else attention_mask.to(device)
-    with _inference(model):
-        token, state = prefill(model, input_ids, attention_mask)
-        tokens = [token]
-        for _ in range(new_tokens - 1):
-            token = decode_step(model, state, token)
-            tokens.append(token)
-    return torch.cat(tokens, dim=-1)
-
-
-def _timed_generation(model, input_ids, attention_mask, new_tokens, device, sync_every_token,
-                      params, after=None):
+def _timed_generation(decoder: Decoder, input_ids, *, attention_mask, new_tokens: int,
+                      sync_every_token: bool, after=None):
     """One prefill and ``new_tokens - 1`` decode steps: (ttft s, decode s, per-step s).
-    ``after()`` runs once the clock has stopped, while the cache is still alive."""
+    ``after()`` runs once the clock has stopped, while the decoder's state is still alive."""
+    device = decoder.device
     synchronize(device)
     start = _clock()
-    token, state = prefill(model, input_ids, attention_mask, params)
+    token = decoder.prefill(input_ids, attention_mask=attention_mask).argmax(-1)  # (b,)
     synchronize(device)
     decode_start = _clock()
     steps, last = [], decode_start
     for _ in range(new_tokens - 1):
-        token = decode_step(model, state, token)
+        token = decoder.step(token).argmax(-1)
         if sync_every_token:
             synchronize(device)
             now = _clock()
@@ -523,23 +274,13 @@ def _profile_name() -> str:
         return f"unknown ({type(exc).__name__})"
 
 
-def _transformers_version() -> str:
-    try:
-        import transformers
-        return transformers.__version__
-    except ImportError:
-        return "not installed"
-
-
-def _record(model, device, label) -> dict:
-    cls = type(model).__name__
-    if _is_fast(model):
-        cls = f"{cls}({type(model.model).__name__})"
-    return {"label": label, "model_class": cls, "device": str(device),
-            "dtype": str(_model_dtype(model)).removeprefix("torch."),
-            "profile": _profile_name(), "mamba_path": mamba_path(model),
+def run_record(decoder: Decoder, *, label: str | None) -> dict:
+    """What ran, where, on which versions: the fields of every result's record."""
+    return {"label": label, "model_class": decoder.model_class, "device": str(decoder.device),
+            "dtype": str(decoder.dtype).removeprefix("torch."),
+            "profile": _profile_name(), "mamba_path": decoder.mamba_path,
             "torch_version": torch.__version__,
-            "transformers_version": _transformers_version()}
+            "transformers_version": compat.transformers_version()}
 
 
 def measure_generation(model, input_ids: torch.Tensor, *, new_tokens: int = 32,
@@ -554,26 +295,27 @@ def measure_generation(model, input_ids: torch.Tensor, *, new_tokens: int = 32,
     """
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2: the first token comes from the prefill")
-    device = _model_device(model)
-    input_ids = input_ids.to(device)
-    attention_mask = None if attention_mask is None else attention_mask.to(device)
-    params = _forward_params(model)
-    meter = _MemoryMeter(device)
+    decoder = as_decoder(model)
+    input_ids = input_ids.to(decoder.device)
+    attention_mask = None if attention_mask is None else attention_mask.to(decoder.device)
+    meter = _MemoryMeter(decoder.device)
     runs = []
-    with _inference(model):
+    with inference(decoder):
         for i in range(warmup + repeats):
             # sample memory once, at the end of the last run: every run has the same shapes, and
             # on the CPU reading RSS just before a prefill was seen to slow it by ~2%
             last = i == warmup + repeats - 1
             with _no_gc():
-                run = _timed_generation(model, input_ids, attention_mask, new_tokens, device,
-                                        sync_every_token, params, meter.sample if last else None)
+                run = _timed_generation(decoder, input_ids, attention_mask=attention_mask,
+                                        new_tokens=new_tokens, sync_every_token=sync_every_token,
+                                        after=meter.sample if last else None)
             if i >= warmup:
                 runs.append(run)
-    return _generation_result(model, input_ids, new_tokens, runs, meter, warmup, label)
+    return _generation_result(decoder, input_ids, new_tokens=new_tokens, runs=runs, meter=meter,
+                              warmup=warmup, label=label)
 
 
-def _generation_result(model, input_ids, new_tokens, runs, meter, warmup, label):
+def _generation_result(decoder, input_ids, *, new_tokens, runs, meter, warmup, label):
     b, length = input_ids.shape
     ttft = Timing.from_samples([r[0] for r in runs])
     decode = Timing.from_samples([r[1] for r in runs])
@@ -586,7 +328,7 @@ def _generation_result(model, input_ids, new_tokens, runs, meter, warmup, label)
         decode_tokens_per_s=b * (new_tokens - 1) / decode.median,
         decode_ms_per_token=steps.median * 1e3, decode_ms_per_token_iqr=steps.iqr * 1e3,
         peak_memory_bytes=meter.above_start(), memory_measure=memory_measure(meter.device),
-        warmup=warmup, repeats=len(runs), **_record(model, meter.device, label))
+        warmup=warmup, repeats=len(runs), **run_record(decoder, label=label))
 
 
 def results_frame(results: Sequence) -> pd.DataFrame:
@@ -602,8 +344,9 @@ def results_frame(results: Sequence) -> pd.DataFrame:
 
 def position_limit(model) -> int | None:
     """The longest sequence the model's positions allow (``config.max_position_embeddings``),
-    or None for models without one (Mamba)."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    or None for models without one (Mamba). ``model``: a module or a decoder."""
+    module = as_decoder(model).module
+    return getattr(module.config, "max_position_embeddings", None)
 
 
 def random_input_ids(vocab_size: int, length: int, *, batch_size: int = 1,
@@ -629,7 +372,7 @@ def _input_maker(model, make_input_ids, tokenizer, text, batch_size):
         return make_input_ids
     if tokenizer is not None and text is not None:
         return _text_input_maker(tokenizer, text, batch_size)
-    vocab = model.config.vocab_size
+    vocab = as_decoder(model).module.config.vocab_size
     return lambda length: random_input_ids(vocab, length, batch_size=batch_size)
 
 
@@ -657,21 +400,22 @@ def context_sweep(model, make_input_ids: Callable[[int], torch.Tensor] | None = 
     import pandas as pd
     from tqdm.auto import tqdm
 
-    make = _input_maker(model, make_input_ids, tokenizer, text, batch_size)
-    limit = position_limit(model)
+    decoder = as_decoder(model)  # built once for every length
+    make = _input_maker(decoder, make_input_ids, tokenizer, text, batch_size)
+    limit = position_limit(decoder)
     rows = []
     for length in tqdm(list(lengths), desc="context sweep", disable=not progress):
         reason = _skip_reason(length, new_tokens, limit)
         if reason is None:
             try:
-                res = measure_generation(model, make(length), new_tokens=new_tokens, **kw)
+                res = measure_generation(decoder, make(length), new_tokens=new_tokens, **kw)
                 rows.append({**res.to_dict(), "skipped": None})
                 continue
             except _OOM_ERRORS as exc:
                 reason = f"out of memory ({type(exc).__name__})"
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-        rows.append({**_record(model, _model_device(model), kw.get("label")),
+        rows.append({**run_record(decoder, label=kw.get("label")),
                      "batch_size": batch_size, "prompt_length": length,
                      "new_tokens": new_tokens, "skipped": reason})
     columns = [f.name for f in fields(GenerationResult)] + ["skipped"]
@@ -703,10 +447,7 @@ def _window_nll(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     The logits at position t predict token t + 1, so labels shift by one as in transformers'
     ``ForCausalLMLoss``; computed here (float32) rather than read from ``out.loss``, which for
     MoE models can include the router's auxiliary loss."""
-    if _is_fast(model):  # an effarch.fast generator scores through its own prefill
-        logits = model.prefill(ids, all_logits=True)[:, :-1, :]  # (1, w-1, V)
-    else:
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :]  # (1, w-1, V)
+    logits = model.all_logits(ids)[:, :-1, :]  # (1, w-1, V)
     target = labels[:, 1:]  # (1, w-1)
     nll = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -733,10 +474,11 @@ def sliding_window_perplexity(model, input_ids: torch.Tensor, *, max_length: int
                          f"max_length={max_length}")
     from tqdm.auto import tqdm
 
-    device = _device(device) if device is not None else _model_device(model)
+    model = as_decoder(model)
+    device = _device(device) if device is not None else model.device
     n = input_ids.shape[1]
     nll_sum, scored, windows, prev_end = 0.0, 0, 0, 0
-    with _inference(model):
+    with inference(model):
         for begin in tqdm(range(0, n, stride), desc="perplexity", disable=not progress):
             end = min(begin + max_length, n)
             ids = input_ids[:, begin:end].to(device)  # (1, w)
@@ -757,7 +499,7 @@ def _perplexity_result(model, device, nll_sum, scored, windows, max_length, stri
     return PerplexityResult(nll_per_token=nll, perplexity=math.exp(nll),
                             bits_per_token=nll / math.log(2), tokens_scored=scored,
                             windows=windows, max_length=max_length, stride=stride,
-                            **_record(model, device, label))
+                            **run_record(model, label=label))
 
 
 def bits_per_byte(nll_nats_per_token: float, n_tokens: int, n_bytes: int) -> float:
@@ -784,16 +526,6 @@ def evaluate_text(model, tokenizer, text: str, max_length: int, stride: int,
 # --------------------------------------------------------------------------------------------
 # small helpers of the labs
 # --------------------------------------------------------------------------------------------
-
-def returned_cache(out):
-    """The cache a forward with ``use_cache=True`` returned, whatever this transformers version
-    calls it (5.24: ``cache``; 5.17: ``past_key_values``, Mamba ``cache_params``); None if none."""
-    for name in ("cache", "past_key_values", "cache_params"):  # the current name first: the
-        cache = getattr(out, name, None)                      # old ones warn on 5.24
-        if cache is not None:
-            return cache
-    return None
-
 
 def decode_tokens_per_s(total_s: float, ttft_s: float, batch_size: int, new_tokens: int) -> float:
     """Decode throughput from a generation's total time and its time to first token: the

@@ -27,7 +27,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from effarch.ssm import _prepare_delta, _readout, selective_scan_ref
+from effarch.mixer import conv_tail, mixer_prefill
+from effarch.ssm import prepare_delta, readout, selective_scan_ref
 
 BACKENDS = ("auto", "triton", "chunked", "reference")
 
@@ -91,7 +92,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """
     b, d, length = u.shape
     n = A.shape[-1]
-    dt = _prepare_delta(delta, delta_bias, delta_softplus)  # (b, d, l) float32
+    dt = prepare_delta(delta, delta_bias, delta_softplus)  # (b, d, l) float32
     # time-major and contiguous, so that every step below reads one contiguous slice
     dt_t = dt.permute(2, 0, 1).contiguous()                  # (l, b, d)
     dtu_t = (dt * u.float()).permute(2, 0, 1).contiguous()   # (l, b, d)
@@ -119,7 +120,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
             hs = tile[: e - s]
             h = h.clone()
         ys.append(torch.einsum("mbdn,mbn->mbd", hs, C_t[s:e]))   # (m, b, d)
-    out = _readout(torch.cat(ys).permute(1, 2, 0), u, D, z)
+    out = readout(torch.cat(ys).permute(1, 2, 0), u, D, z)
     return (out, h) if return_last_state else out
 
 
@@ -253,10 +254,28 @@ class MambaFastGenerator:
         counts the generator's state as it counts a cache."""
         return getattr(self, "ssm", None)
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """The transformers model whose weights run (``effarch.decoding.Decoder``)."""
+        return self.model
+
+    @property
+    def mamba_path(self) -> str:
+        return self.path
+
+    @property
+    def model_class(self) -> str:
+        return f"{type(self).__name__}({type(self.model).__name__})"
+
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, *, all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                all_logits: bool = False) -> torch.Tensor:
         """Run the prompt (b, l); fill the states; return the last position's logits (b, V),
-        or with ``all_logits=True`` every position's, (b, l, V) — what scoring a text needs."""
+        or with ``all_logits=True`` every position's, (b, l, V) — what scoring a text needs.
+        Rows must be unpadded: the prefill reads every position (``attention_mask`` None)."""
+        if attention_mask is not None:
+            raise ValueError("effarch.fast's generator takes unpadded prompts only: pass "
+                             "attention_mask=None (rows of equal length)")
         b, length = input_ids.shape
         if self._batch != b:
             self._allocate(b)
@@ -264,25 +283,23 @@ class MambaFastGenerator:
         for i, blk in enumerate(self.layers):
             x = _rms_norm(h, blk.norm.weight, self.eps)
             res = h.float() if self.cfg.residual_in_fp32 else h
-            h = res + self._mixer_prefill(i, blk.mixer, x, length)
+            h = res + self._mixer_prefill(i, blk.mixer, x)
         h = _rms_norm(h if all_logits else h[:, -1], self.model.backbone.norm_f.weight, self.eps)
         return self.model.lm_head(h.to(self.dtype)).float()
 
-    def _mixer_prefill(self, i: int, mx, x: torch.Tensor, length: int) -> torch.Tensor:
-        xz = mx.in_proj(x).transpose(1, 2)                                 # (b, 2d, l)
-        xs, z = xz.chunk(2, dim=1)
-        self.conv[i].copy_(F.pad(xs, (self.k - length, 0)) if length < self.k
-                           else xs[..., -self.k:])
-        xs = F.silu(F.conv1d(xs, mx.conv1d.weight, mx.conv1d.bias, padding=self.k - 1,
-                             groups=self.d_inner)[..., :length])           # (b, d, l)
-        dbc = mx.x_proj(xs.transpose(1, 2))                                # (b, l, r + 2n)
-        dt, B, C = torch.split(dbc, [self.rank, self.n, self.n], dim=-1)
-        dt = mx.dt_proj.weight @ dt.transpose(1, 2)                        # (b, d, l)
-        y, last = selective_scan(xs, dt, self._A[i], B.transpose(1, 2), C.transpose(1, 2),
-                                 mx.D.float(), z, mx.dt_proj.bias.float(), True, True,
-                                 backend=self.backend)
-        self.ssm[i].copy_(last)
-        return mx.out_proj(y.transpose(1, 2).to(self.dtype))
+    def all_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Every position's logits (b, l, V) (``effarch.decoding.Decoder``)."""
+        return self.prefill(input_ids, all_logits=True)
+
+    def _scan(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                              return_last_state=True, backend=self.backend)
+
+    def _mixer_prefill(self, i: int, mx, x: torch.Tensor) -> torch.Tensor:
+        run = mixer_prefill(mx, x, scan=self._scan, A=self._A[i])
+        self.conv[i].copy_(conv_tail(run.conv_input, self.k))
+        self.ssm[i].copy_(run.scan_result)
+        return run.output
 
     def _step(self) -> torch.Tensor:
         """One token for every row: reads self.token, updates the states in place."""

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
-from .ssm import selective_scan_states
+from effarch.compat import has_previous_state, mixer_inputs
+from effarch.mixer import mixer_prefill
+from effarch.ssm import selective_scan_states
 
 __all__ = ["SSMCapture", "SSMTrace", "capture_ssm", "find_ssm_mixers", "recompute_mixer"]
 
@@ -80,66 +81,27 @@ def find_ssm_mixers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return dict(sorted(mixers.items()))
 
 
-def _mixer_inputs(args: tuple, kwargs: dict):
-    """(hidden_states, cache, attention_mask) whether passed by position or by name.
-
-    The cache keyword is ``cache_params`` in transformers <= 5.17 and ``cache`` later.
-    """
-    hidden = args[0] if args else kwargs["hidden_states"]
-    cache = args[1] if len(args) > 1 else kwargs.get("cache", kwargs.get("cache_params"))
-    mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
-    return hidden, cache, mask
-
-
-def _has_previous_state(cache, layer_idx: int) -> bool:
-    """Whether the cache already holds this layer's SSM state (then the call is a decode step)."""
-    if cache is None:
-        return False
-    with contextlib.suppress(AttributeError, ValueError, IndexError, TypeError):
-        return bool(cache.has_previous_state(layer_idx))
-    get_state = getattr(cache, "get_recurrent_state", None)
-    return get_state is not None and get_state(layer_idx) is not None
-
-
-def _masked(x: torch.Tensor, attention_mask) -> torch.Tensor:
-    """Zero padded positions, as transformers' ``apply_mask_to_padding_states``; x: (b, l, ·)."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return x
-    return (x * attention_mask[:, :, None]).to(x.dtype)
-
-
 @torch.no_grad()
 def recompute_mixer(mixer: torch.nn.Module, hidden_states: torch.Tensor, attention_mask=None):
-    """Repeat a Mamba mixer's prefill from its weights, keeping Δ, B, C and every state.
+    """Repeat a Mamba mixer's prefill from its weights (``effarch.mixer.mixer_prefill``) with
+    the reference scan that keeps every state.
 
-    Follows ``MambaMixer.forward`` / ``JambaMambaMixer.forward`` (transformers 5) step by step.
     Args:
         hidden_states: (b, l, hidden), the mixer's input.
     Returns:
-        (output (b, l, hidden) in the input's dtype, dict of u, delta, A, B, C, state).
+        (output (b, l, hidden) in the input's dtype, dict of u, delta (after the bias and the
+        softplus), A, B, C, state (b, d, l, n)).
     """
-    dtype, seq_len = hidden_states.dtype, hidden_states.shape[1]
-    xz = mixer.in_proj(_masked(hidden_states, attention_mask)).transpose(1, 2)  # (b, 2d, l)
-    x, z = xz.chunk(2, dim=1)  # (b, d, l) each
-    conv = mixer.conv1d  # depthwise, causal: pad k-1 on both sides, keep the first l outputs
-    x = F.conv1d(x.to(conv.weight.dtype), conv.weight, conv.bias, padding=conv.kernel_size[0] - 1,
-                 groups=conv.groups)[..., :seq_len]
-    x = _masked(mixer.act(x).to(dtype).transpose(1, 2), attention_mask)  # (b, l, d)
-    r, n = mixer.time_step_rank, mixer.ssm_state_size
-    dt, B, C = torch.split(mixer.x_proj(x), [r, n, n], dim=-1)  # (b, l, r), (b, l, n), (b, l, n)
-    if hasattr(mixer, "dt_layernorm"):  # Jamba normalises Δ, B and C before using them
-        dt, B, C = mixer.dt_layernorm(dt), mixer.b_layernorm(B), mixer.c_layernorm(C)
-    if hasattr(mixer, "dt_layernorm") and hasattr(mixer.config, "_is_quantized"):
-        dt = (mixer.dt_proj(dt) - mixer.dt_proj.bias).transpose(1, 2)  # as Jamba does when quantised
-    else:
-        dt = mixer.dt_proj.weight @ dt.transpose(1, 2)  # (d, r) @ (b, r, l) -> (b, d, l)
-    A = -torch.exp(mixer.A_log.float())  # (d, n)
-    bias = mixer.dt_proj.bias.float() if mixer.dt_proj.bias is not None else None
-    u, B, C = x.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)  # (b, d, l), (b, n, l) x2
-    y, states, delta = selective_scan_states(u, dt, A, B, C, D=mixer.D.float(), z=z,
-                                             delta_bias=bias, delta_softplus=True)
-    out = mixer.out_proj(y.transpose(1, 2).to(dtype))  # (b, l, hidden)
-    return out, {"u": u, "delta": delta, "A": A, "B": B, "C": C, "state": states}
+    def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        y, states, delta = selective_scan_states(u, delta, A, B, C, D=D, z=z,
+                                                 delta_bias=delta_bias,
+                                                 delta_softplus=delta_softplus)
+        return y, (states, delta)
+
+    run = mixer_prefill(mixer, hidden_states, scan=scan, attention_mask=attention_mask)
+    states, delta = run.scan_result
+    return run.output, {"u": run.u, "delta": delta, "A": run.A, "B": run.B, "C": run.C,
+                        "state": states}
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -147,8 +109,8 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 def _before(capture: SSMCapture, pending: dict, layer: int, mixer, args, kwargs):
-    hidden, cache, mask = _mixer_inputs(args, kwargs)
-    if layer in capture or _has_previous_state(cache, layer):
+    hidden, cache, mask = mixer_inputs(args, kwargs)
+    if layer in capture or has_previous_state(cache, layer):
         capture.skipped[layer] = capture.skipped.get(layer, 0) + 1
         return
     try:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from effarch import compat
+
 GiB = 1024**3
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
@@ -326,12 +328,6 @@ class CacheBytes:
         return self.key_value + self.conv + self.ssm
 
 
-# attribute names of cache tensors across transformers versions -> the kind they hold
-_CACHE_FIELDS = {"keys": "key_value", "values": "key_value", "key_cache": "key_value",
-                 "value_cache": "key_value", "conv_states": "conv", "ssm_states": "ssm",
-                 "recurrent_states": "ssm"}
-
-
 def _tensors(obj):
     """Every tensor inside a tensor, list, tuple or dict (any nesting)."""
     import torch
@@ -358,7 +354,7 @@ def measure_cache_bytes(cache) -> CacheBytes:
     if isinstance(cache, (list, tuple)):  # legacy ((K, V), ...) per layer
         found["key_value"] = list(_tensors(cache))
     for holder in holders:
-        for name, kind in _CACHE_FIELDS.items():
+        for name, kind in compat.CACHE_FIELDS.items():
             found[kind] += list(_tensors(getattr(holder, name, None)))
     seen, sizes, dtypes = set(), {k: 0 for k in found}, {}
     for kind, tensors in found.items():

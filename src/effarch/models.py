@@ -12,12 +12,28 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from effarch import memory, profile
+from effarch import memory, profile, registry
 from effarch.registry import (  # noqa: F401  (re-exported: the labs' names for them)
-    FULL_BY_ROLE, REGISTRY, ROLES, TROUBLE, ZOO_NAMES, ModelError, ModelNotAvailableOffline,
-    ModelSpec, QuantizationUnavailable, RemoteCodeError, UnknownModelError, ZooModelMissing,
-    as_spec, full_profile_names, get_config, get_spec, hub_reachable, is_cached, zoo_path)
-from effarch import registry
+    FULL_BY_ROLE,
+    REGISTRY,
+    ROLES,
+    TROUBLE,
+    ZOO_NAMES,
+    ModelError,
+    ModelNotAvailableOffline,
+    ModelSpec,
+    QuantizationUnavailable,
+    RemoteCodeError,
+    UnknownModelError,
+    ZooModelMissing,
+    as_spec,
+    full_profile_names,
+    get_config,
+    get_spec,
+    hub_reachable,
+    is_cached,
+    zoo_path,
+)
 
 
 def name_for(role: str, prof: profile.Profile | None = None) -> str:

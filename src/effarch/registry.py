@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -50,7 +50,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- shapes and discretisation
-def _per_channel(X: torch.Tensor, d: int) -> torch.Tensor:
+def per_channel(X: torch.Tensor, d: int) -> torch.Tensor:
     """B or C in any accepted shape -> float32, broadcastable to (b, d, l, n)."""
     X = X.float()
     if X.dim() == 2:  # (d, n): fixed, the same at every step
@@ -65,7 +65,7 @@ def _per_channel(X: torch.Tensor, d: int) -> torch.Tensor:
     raise ValueError(f"B and C must be (d, n), (b, n, l) or (b, g, n, l); got {tuple(X.shape)}")
 
 
-def _prepare_delta(delta, delta_bias=None, delta_softplus=False):
+def prepare_delta(delta, delta_bias=None, delta_softplus=False):
     """Δ = softplus(delta + delta_bias) in float32, (b, d, l) (§3.2, s_Δ and τ_Δ)."""
     delta = delta.float()
     if delta_bias is not None:
@@ -94,7 +94,7 @@ def discretize(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor):
     """
     delta = delta.float()[..., None]  # (b, d, l, 1)
     A_bar = torch.exp(delta * A.float()[:, None, :])  # (b, d, l, n)
-    B_bar = delta * _per_channel(B, A.shape[0])  # (b, d, l, n)
+    B_bar = delta * per_channel(B, A.shape[0])  # (b, d, l, n)
     return A_bar, B_bar
 
 
@@ -111,8 +111,10 @@ def discretize_zoh_exact(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor):
     return A_bar, ratio * B_euler
 
 
-def _readout(y, u, D=None, z=None, dtype=None):
-    """out = (y + D·u) · silu(z), cast to dtype (Algorithm 2's skip connection and gate)."""
+def readout(y, u, D=None, z=None, dtype=None):
+    """out = (y + D·u) · silu(z), cast to dtype. The skip D·u and the gate silu(z) are not in
+    Algorithm 2 (the S6 layer): they come from the Mamba block (Fig. 3) and mamba-ssm's
+    reference code, which the scan's signature follows."""
     out = y  # (b, d, l) float32
     if D is not None:
         out = out + D.float()[:, None] * u.float()  # (d, 1) * (b, d, l)
@@ -129,10 +131,10 @@ def selective_scan_states(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     Returns:
         (out (b, d, l) in u's dtype, states h_t (b, d, l, n) float32, Δ (b, d, l) float32).
     """
-    delta = _prepare_delta(delta, delta_bias, delta_softplus)  # (b, d, l)
+    delta = prepare_delta(delta, delta_bias, delta_softplus)  # (b, d, l)
     A_bar, B_bar = discretize(delta, A, B)  # (b, d, l, n)
     Bu = B_bar * u.float()[..., None]  # (b, d, l, n)
-    C = _per_channel(C, A.shape[0])  # (b|1, d|1, l|1, n)
+    C = per_channel(C, A.shape[0])  # (b|1, d|1, l|1, n)
     h = u.new_zeros((u.shape[0], *A.shape), dtype=torch.float32)  # h_0 = 0 (b, d, n), as in the kernel
     states = []
     for t in range(u.shape[-1]):
@@ -140,7 +142,7 @@ def selective_scan_states(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         states.append(h)
     states = torch.stack(states, dim=2)  # (b, d, l, n)
     y = (states * C).sum(-1)  # (b, d, l), eq. 2b: y_t = C_t h_t
-    return _readout(y, u, D, z), states, delta
+    return readout(y, u, D, z), states, delta
 
 
 def selective_scan_ref(
@@ -187,16 +189,16 @@ def selective_scan_sequential(
 
     This is how Mamba generates: O(1) memory per token, no Ā of shape (b, d, l, n) is ever built.
     """
-    delta = _prepare_delta(delta, delta_bias, delta_softplus)  # (b, d, l)
+    delta = prepare_delta(delta, delta_bias, delta_softplus)  # (b, d, l)
     d, n = A.shape
-    Bs = _per_channel(B, d).expand(u.shape[0], -1, u.shape[-1], -1)  # (b, d|1, l, n)
-    Cs = _per_channel(C, d).expand(u.shape[0], -1, u.shape[-1], -1)
+    Bs = per_channel(B, d).expand(u.shape[0], -1, u.shape[-1], -1)  # (b, d|1, l, n)
+    Cs = per_channel(C, d).expand(u.shape[0], -1, u.shape[-1], -1)
     h = u.new_zeros((u.shape[0], d, n), dtype=torch.float32)  # (b, d, n)
     ys = []
     for t in range(u.shape[-1]):
         h, y_t = ssm_step(h, u[:, :, t], delta[:, :, t], A, Bs[:, :, t], Cs[:, :, t])
         ys.append(y_t)
-    out = _readout(torch.stack(ys, dim=-1), u, D, z)  # (b, d, l)
+    out = readout(torch.stack(ys, dim=-1), u, D, z)  # (b, d, l)
     return (out, h) if return_last_state else out
 
 
@@ -237,9 +239,9 @@ def selective_scan_parallel(
     Ā ∈ (0, 1] (A < 0, Δ > 0), so the running products only shrink: no overflow, unlike
     tricks that divide by cumulative products.
     """
-    delta = _prepare_delta(delta, delta_bias, delta_softplus)  # (b, d, l)
+    delta = prepare_delta(delta, delta_bias, delta_softplus)  # (b, d, l)
     A_bar, B_bar = discretize(delta, A, B)  # (b, d, l, n)
     _, states = associative_scan(A_bar, B_bar * u.float()[..., None], dim=2)  # (b, d, l, n)
-    y = (states * _per_channel(C, A.shape[0])).sum(-1)  # (b, d, l)
-    out = _readout(y, u, D, z)
+    y = (states * per_channel(C, A.shape[0])).sum(-1)  # (b, d, l)
+    out = readout(y, u, D, z)
     return (out, states[:, :, -1]) if return_last_state else out
