@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Generate LAB_PREP.md's model table from effarch's registry (never typed by hand).
+"""Generate the documents' tables (never typed by hand): LAB_PREP.md's model table from effarch's
+registry, and the per-lab full-profile table of README.md and LAB_PREP.md from the kept runs
+(``data/measurements/full_profile_runs.jsonl``, written by ``scripts/run_full_profile.py``).
 
-    python scripts/lab_prep_tables.py          # rewrite the table in LAB_PREP.md
-    python scripts/lab_prep_tables.py --check  # exit 1 when LAB_PREP.md is stale
+    python scripts/lab_prep_tables.py          # rewrite the tables
+    python scripts/lab_prep_tables.py --check  # exit 1 when a document is stale
 """
 
 from __future__ import annotations
@@ -11,44 +13,58 @@ import argparse
 import sys
 from pathlib import Path
 
-from effarch import memory, models
+from effarch import memory, paths, registry, runs
 
-ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- BEGIN GENERATED: model table -->", "<!-- END GENERATED: model table -->"
+ROOT = paths.repo_root()
 
 
 def model_table() -> str:
     rows = ["| model | hub id | parameters (total) | active per token | bf16 | 8-bit | 4-bit |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, spec in models.REGISTRY.items():
+    for name, spec in registry.REGISTRY.items():
         if not spec.config:
             continue
-        pc = memory.count_params(models.get_config(name))
+        pc = memory.count_params(registry.get_config(spec))
         gb = [memory.estimate_weights_bytes(name, "bfloat16", q) / 1e9 for q in (None, "8bit", "4bit")]
         rows.append(f"| {name} | `{spec.hub_id}` | {pc.total / 1e9:.2f} B | {pc.active / 1e9:.2f} B"
                     f" | {gb[0]:.1f} GB | {gb[1]:.1f} GB | {gb[2]:.1f} GB |")
     return "\n".join(rows)
 
 
-def render(text: str) -> str:
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{model_table()}\n{END}{tail}"
+def replace_block(text: str, name: str, body: str) -> str:
+    """Put ``body`` between the document's ``<!-- BEGIN/END GENERATED: name -->`` markers."""
+    begin, end = f"<!-- BEGIN GENERATED: {name} -->", f"<!-- END GENERATED: {name} -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"the markers of the generated {name!r} block are missing")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
+def documents() -> dict[Path, str]:
+    """Each generated document and its text as it should be now."""
+    table = runs.runs_table(runs.read_runs())
+    lab_prep = (ROOT / "LAB_PREP.md").read_text(encoding="utf-8")
+    lab_prep = replace_block(lab_prep, "model table", model_table())
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    return {ROOT / "LAB_PREP.md": replace_block(lab_prep, "full-profile runs", table),
+            ROOT / "README.md": replace_block(readme, "full-profile runs", table)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
-    path = ROOT / "LAB_PREP.md"
-    text = path.read_text()
-    new = render(text)
-    if args.check:
-        if new != text:
-            print("LAB_PREP.md's model table is stale: run python scripts/lab_prep_tables.py")
-            return 1
-        return 0
-    path.write_text(new)
+    stale = []
+    for path, new in documents().items():
+        if new != path.read_text(encoding="utf-8"):
+            stale.append(path.name)
+            if not args.check:
+                path.write_text(new, encoding="utf-8")
+    if args.check and stale:
+        print(f"generated tables are stale in {', '.join(stale)}: run "
+              "python scripts/lab_prep_tables.py")
+        return 1
     return 0
 
 
