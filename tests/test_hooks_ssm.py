@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from effarch import ssm
+from effarch import compat
 from effarch.hooks import SSMTrace, capture_ssm, find_ssm_mixers
 
 transformers = pytest.importorskip("transformers")
@@ -39,17 +39,6 @@ def input_ids():
     return torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
-def returned_cache(output):
-    """The cache a forward returned: ``cache`` (transformers >= 5.24) or ``cache_params`` (5.17)."""
-    return getattr(output, "cache", None) or getattr(output, "cache_params", None)
-
-
-def recurrent_state(cache, layer):
-    if hasattr(cache, "get_recurrent_state"):  # transformers >= 5.24
-        return cache.get_recurrent_state(layer)
-    return cache.layers[layer].recurrent_states[0]
-
-
 def check_trace(trace: SSMTrace, b, l, d, n):  # noqa: E741 (the paper's letters)
     assert trace.max_abs_diff < 1e-5, "recomputation no longer matches the mixer: did transformers change?"
     assert trace.delta.shape == trace.u.shape == (b, d, l)
@@ -57,9 +46,18 @@ def check_trace(trace: SSMTrace, b, l, d, n):  # noqa: E741 (the paper's letters
     assert trace.B.shape == trace.C.shape == (b, n, l)
     assert (trace.delta > 0).all()
     assert not trace.state.requires_grad and trace.state.device.type == "cpu"
-    # the recorded state at the last step is the scan's last state, from the recorded inputs
-    _, last = ssm.selective_scan_ref(trace.u, trace.delta, trace.A, trace.B, trace.C, return_last_state=True)
-    torch.testing.assert_close(trace.last_state, last, atol=1e-5, rtol=1e-4)
+
+
+def check_delta_through_modules(mixer, trace: SSMTrace):
+    """Δ recomputed another way: the modules' own forwards (x_proj, then dt_proj with its bias,
+    then softplus) on the recorded u, not the weight products the recording used."""
+    r = mixer.time_step_rank
+    with torch.no_grad():
+        dt = mixer.x_proj(trace.u.transpose(1, 2))[..., :r]  # (b, l, r)
+        if hasattr(mixer, "dt_layernorm"):
+            dt = mixer.dt_layernorm(dt)
+        delta = torch.nn.functional.softplus(mixer.dt_proj(dt)).transpose(1, 2)  # (b, d, l)
+    torch.testing.assert_close(trace.delta, delta, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
@@ -68,11 +66,27 @@ def test_capture_mamba(mamba, input_ids, use_cache):
         output = mamba(input_ids, use_cache=use_cache)
     assert sorted(traces) == [0, 1]
     d = mamba.config.intermediate_size
+    mixers = find_ssm_mixers(mamba)
     for layer, trace in traces.items():
         check_trace(trace, 2, 11, d, STATE)
+        check_delta_through_modules(mixers[layer], trace)
         assert trace.output.shape == (2, 11, HIDDEN)
         if use_cache:  # what the model keeps for decoding is the last recorded state
-            torch.testing.assert_close(trace.last_state, recurrent_state(returned_cache(output), layer).float(),
+            torch.testing.assert_close(trace.last_state, compat.recurrent_state(compat.returned_cache(output), layer).float(),
+                                       atol=1e-5, rtol=1e-4)
+
+
+def test_every_recorded_state_is_the_models_own_state_after_that_prefix(mamba, input_ids):
+    """h_t of the recording against an independent source: transformers' own scan run on the
+    first t + 1 tokens, whose cache holds h_t (true of every t, not only the last)."""
+    with torch.no_grad(), capture_ssm(mamba) as traces:
+        mamba(input_ids)
+    for t in (0, 3, 10):
+        with torch.no_grad():
+            cache = compat.returned_cache(mamba(input_ids[:, : t + 1], use_cache=True))
+        for layer, trace in traces.items():
+            torch.testing.assert_close(trace.state[:, :, t],
+                                       compat.recurrent_state(cache, layer).float(),
                                        atol=1e-5, rtol=1e-4)
 
 

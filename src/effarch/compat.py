@@ -73,6 +73,18 @@ def has_previous_state(cache, layer_idx: int) -> bool:
     return get_state is not None and get_state(layer_idx) is not None
 
 
+def recurrent_state(cache, layer_idx: int):
+    """A layer's SSM state h (b, d, n) held by a cache: 5.24's ``get_recurrent_state``, or
+    5.17's ``ssm_states`` list (``MambaCache``, Jamba's hybrid cache)."""
+    get_state = getattr(cache, "get_recurrent_state", None)
+    if get_state is not None:
+        return get_state(layer_idx)
+    layers = getattr(cache, "layers", None)
+    if layers and hasattr(layers[layer_idx], "recurrent_states"):
+        return layers[layer_idx].recurrent_states[0]
+    return cache.ssm_states[layer_idx]
+
+
 def resolved_to_package(fn) -> bool | None:
     """Did transformers' ``use_kernel_func_from_hub_with_fallback`` (5.x,
     ``integrations/hub_kernels.py``) bind ``fn`` to the package's kernel (True) or to its
