@@ -291,9 +291,10 @@ class MambaFastGenerator:
         """Every position's logits (b, l, V) (``effarch.decoding.Decoder``)."""
         return self.prefill(input_ids, all_logits=True)
 
-    def _scan(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                              return_last_state=True, backend=self.backend)
+    def _scan(self, u, delta, A, B, C, *, D, z, delta_bias, delta_softplus):
+        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                              delta_softplus=delta_softplus, return_last_state=True,
+                              backend=self.backend)
 
     def _mixer_prefill(self, i: int, mx, x: torch.Tensor) -> torch.Tensor:
         run = mixer_prefill(mx, x, scan=self._scan, A=self._A[i])

@@ -92,7 +92,7 @@ def recompute_mixer(mixer: torch.nn.Module, hidden_states: torch.Tensor, attenti
         (output (b, l, hidden) in the input's dtype, dict of u, delta (after the bias and the
         softplus), A, B, C, state (b, d, l, n)).
     """
-    def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def scan(u, delta, A, B, C, *, D, z, delta_bias, delta_softplus):
         y, states, delta = selective_scan_states(u, delta, A, B, C, D=D, z=z,
                                                  delta_bias=delta_bias,
                                                  delta_softplus=delta_softplus)

@@ -201,7 +201,7 @@ def _layer_params(cfg, i: int) -> tuple[int, int]:
         p = _mamba_mixer_params(cfg, h) + h
         return p, p
     if mt == "phi":  # parallel attention + MLP with one LayerNorm (weight and bias)
-        p = _attention_params(cfg) + _mlp_params(h, cfg.intermediate_size, False, True) + 2 * h
+        p = _attention_params(cfg) + _mlp_params(h, cfg.intermediate_size, gated=False, bias=True) + 2 * h
         return p, p
     mixer = (_mamba_mixer_params(cfg, h) if mt == "jamba" and not _jamba_is_attention(cfg, i)
              else _attention_params(cfg))

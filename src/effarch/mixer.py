@@ -59,7 +59,7 @@ def mixer_prefill(mixer: torch.nn.Module, hidden_states: torch.Tensor, *, scan: 
                   A: torch.Tensor | None = None) -> MixerPrefill:
     """Run a Mamba mixer over a prompt ``hidden_states`` (b, l, hidden) with ``scan``.
 
-    ``scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)`` returns y (b, d, l) or a
+    ``scan(u, delta, A, B, C, *, D, z, delta_bias, delta_softplus)`` returns y (b, d, l) or a
     tuple (y, extra), extra kept in ``scan_result``. ``A`` may be passed precomputed.
     """
     dtype, length = hidden_states.dtype, hidden_states.shape[1]
@@ -83,7 +83,7 @@ def mixer_prefill(mixer: torch.nn.Module, hidden_states: torch.Tensor, *, scan: 
     A = -torch.exp(mixer.A_log.float()) if A is None else A  # (d, n)
     bias = mixer.dt_proj.bias.float() if mixer.dt_proj.bias is not None else None
     u, B, C = u.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)  # (b, d, l), (b, n, l)
-    result = scan(u, dt, A, B, C, mixer.D.float(), z, bias, True)
+    result = scan(u, dt, A, B, C, D=mixer.D.float(), z=z, delta_bias=bias, delta_softplus=True)
     y, extra = result if isinstance(result, tuple) else (result, None)
     # 4. Final linear projection
     out = mixer.out_proj(y.transpose(1, 2).to(dtype))  # (b, l, hidden)
