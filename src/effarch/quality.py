@@ -96,7 +96,7 @@ def _all_logits(model, ids: torch.Tensor) -> torch.Tensor:
 def _routed_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Logits (b, w, V) and each MoE layer's router logits, (b·w, E) per layer."""
     out = model(input_ids=ids, use_cache=False, output_router_logits=True)
-    if not out.router_logits:
+    if not getattr(out, "router_logits", None):
         raise ValueError(f"{type(model).__name__} returned no router logits: capture_routes "
                          "needs a mixture-of-experts model")
     return out.logits, out.router_logits
@@ -177,6 +177,9 @@ def _check_arguments(model, input_ids, batch_size, capture_routes) -> None:
     if capture_routes and isinstance(model, MambaFastGenerator):
         raise ValueError("capture_routes needs a transformers MoE model; the fast Mamba "
                          "generator has no routers")
+    if capture_routes and getattr(model.config, "num_experts_per_tok", None) is None:
+        raise ValueError(f"capture_routes needs a mixture-of-experts model; "
+                         f"{type(model).__name__} has no num_experts_per_tok in its config")
 
 
 def sliding_window_perplexity(model, input_ids: torch.Tensor, *, max_length: int, stride: int,
