@@ -8,6 +8,9 @@ transformer of Phi-2's size, side by side in one run (random weights at the real
 Prints one table and writes every figure to --json. Roofline: decode must read every weight
 once per token, so tokens/s ≤ copy bandwidth ÷ parameter bytes, with the bandwidth measured
 here as a large device-to-device copy counting bytes read + written.
+
+Run it from the repository's root with ``effarch`` importable: installed (``make lab`` installs
+it) or ``PYTHONPATH=src`` (the GPU machine, which has no install).
 """
 
 from __future__ import annotations

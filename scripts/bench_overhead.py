@@ -13,6 +13,9 @@ work more threads only add oversubscription to the figures.
 
     python scripts/bench_overhead.py                 # the default device (EFFARCH_DEVICE, cuda, mps, cpu)
     python scripts/bench_overhead.py --device cpu --rounds 60 --threads 0   # torch's threads
+
+Run it from the repository's root with ``effarch`` importable: installed (``make lab`` installs
+it) or ``PYTHONPATH=src`` (the GPU machine, which has no install).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 For each model, loaded through ``effarch.models.load_model`` (float32 on the CPU):
 
 - load time, and validation bits per byte over the *whole* validation text: every token scored
-  once by sliding windows (``final_eval`` in zoo_config.json), total nats / ln 2 / UTF-8 bytes,
+  once by sliding windows (``final_eval`` in zoo_config.json; ``effarch.quality``'s treatment of
+  windows), total nats / ln 2 / UTF-8 bytes,
   beside ``gzip -9`` and ``xz -9e`` on the same text (Python's gzip and lzma modules);
 - two sample generations, a code prompt and a prose prompt (seeded sampling);
 - for tiny-moe and tiny-hybrid, from the same pass (``output_router_logits=True``): each MoE
@@ -17,41 +18,32 @@ For each model, loaded through ``effarch.models.load_model`` (float32 on the CPU
     python scripts/eval_zoo.py                      # print
     python scripts/eval_zoo.py --write-readme       # and write data/zoo/README.md
     python scripts/eval_zoo.py --zoo /tmp/zoo-smoke-x   # models trained elsewhere (--smoke)
+
+Bits per byte come from ``effarch.zoo.score_text``, i.e. ``effarch.quality.evaluate_text``: the
+scorer the labs use. Run it from the repository's root with ``effarch`` importable: installed
+(``make lab`` installs it) or ``PYTHONPATH=src``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import io
 import json
 import keyword
 import lzma
-import os
 import platform
-import shutil
-import sys
-import tempfile
 import time
 import tokenize
 import warnings
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
+import numpy as np
+import torch
+import transformers
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from effarch import bench, data, memory, models, paths, profile  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("train_zoo", ROOT / "scripts" / "train_zoo.py")
-tz = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tz)
+from effarch import bench, data, memory, models, paths, quality, registry, zoo
 
 CLASSES = ("keyword", "identifier", "punctuation", "whitespace", "number", "string/comment",
            "prose word")
@@ -215,35 +207,45 @@ def generate(model, tokenizer, prompt: str, new_tokens: int, seed: int) -> str:
 
 def evaluate(name: str, args, text: str, ids: torch.Tensor,
              labels: tuple[np.ndarray, np.ndarray]) -> dict:
+    """One model: load time, validation bits per byte (with routes for MoE models, from the
+    same pass), parameters, file size, samples and, for MoE models, routing statistics."""
+    folder = registry.zoo_path(name, args.zoo)
     t0 = time.perf_counter()
-    loaded = models.load_model(name, device=args.device)
+    model, tokenizer = models.load_model(name, device=args.device, zoo_dir=args.zoo)
     load_s = time.perf_counter() - t0
-    model, tokenizer = loaded.model, loaded.tokenizer
     cfg = model.config
-    moe = cfg.model_type in ("mixtral", "jamba")
-    routes: list | None = [] if moe else None
+    moe = zoo.is_moe(cfg)
     t0 = time.perf_counter()
-    bpb = tz.text_bits_per_byte(model, tokenizer, text, window=args.window, stride=args.stride,
-                                batch_size=args.batch_size, device=torch.device(args.device),
-                                routes=routes, ids=ids)
+    res = zoo.score_text(model, tokenizer, text, window=args.window, stride=args.stride,
+                         batch_size=args.batch_size, capture_routes=moe)
     eval_s = time.perf_counter() - t0
     pc = memory.count_params(cfg)
-    meta_path = paths.zoo_dir() / name / "train_meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     result = dict(name=name, model_class=type(model).__name__, load_s=load_s, eval_s=eval_s,
-                  validation=bpb, params=dict(total=pc.total, active=pc.active),
-                  weights_bytes=(paths.zoo_dir() / name / "model.safetensors").stat().st_size,
-                  mamba_path=bench.mamba_path(model), train_meta=meta,
+                  validation=zoo.validation_summary(res),
+                  params=dict(total=pc.total, active=pc.active),
+                  weights_bytes=(folder / "model.safetensors").stat().st_size,
+                  mamba_path=bench.mamba_path(model), train_meta=zoo.read_train_meta(folder),
                   samples={k: generate(model, tokenizer, p, args.new_tokens, args.seed)
                            for k, p in PROMPTS.items()})
     if moe:
-        result["routing"] = routing_report(cfg, routes, *labels, n_perm=args.permutations)
+        result["routing"] = routing_report(cfg, stream_routes(res.routes, len(ids)), *labels,
+                                           n_perm=args.permutations)
         reference = random_router_mi(cfg, ids, labels[0], args)
         for row, mi in zip(result["routing"], reference, strict=True):
             row["mi_class_random_init"] = mi
     del model
     models.unload()
     return result
+
+
+def stream_routes(routes: quality.Routes, n: int) -> list[np.ndarray]:
+    """The routes as `routing_report` reads them: (n-1, k) per MoE layer, row p = input
+    position p (0: the <|endoftext|> that `quality.text_ids` put first). Every position but
+    the last is scored once when stride < window, so the positions are exactly 0..n-2."""
+    if not np.array_equal(routes.positions, np.arange(n - 1)):
+        raise SystemExit("the routing statistics need every position routed once: use "
+                         "--stride smaller than --window")
+    return routes.experts
 
 
 def random_router_mi(cfg, ids: torch.Tensor, cls: np.ndarray, args) -> list[float]:
@@ -283,8 +285,10 @@ def format_report(results: list[dict], comp: dict, info: dict) -> str:
     """The report as Markdown (printed, and the body of the README)."""
     lines = ["## Validation bits per byte", "",
              f"Whole validation split: {info['bytes']:,} UTF-8 bytes, {info['tokens']:,} tokens; "
-             f"windows of {info['window']} tokens moving by {info['stride']} (each token scored "
-             f"once, the first after `<|endoftext|>`); bits/byte = total nats / ln 2 / bytes. "
+             f"windows of {info['window']} tokens starting every {info['stride']}, the last "
+             f"ending with the text (each token scored once, the first after "
+             f"`<|endoftext|>`: `effarch.quality.evaluate_text`, the labs' scorer); bits/byte = "
+             f"total nats / ln 2 / bytes. "
              f"Measured by `scripts/eval_zoo.py` on {info['device']} ({info['machine']}), torch "
              f"{info['torch']}, transformers {info['transformers']}, {info['date']}.", "",
              "| model | class | params total | active | bf16 file | trained on | val bits/byte "
@@ -374,24 +378,8 @@ Licence: the weights are derived from the corpus (see `data/corpus/README.md`).
 """
 
 
-def fake_root(zoo: Path) -> Path:
-    """A repository root whose data/zoo holds ``zoo``'s models (symbolic links) and the real
-    tokenizer and corpus, for EFFARCH_ROOT: so models trained elsewhere load via load_model."""
-    real = paths.data_dir()
-    root = Path(tempfile.mkdtemp(prefix="zoo-eval-"))
-    (root / "data" / "zoo").mkdir(parents=True)
-    (root / "data" / "corpus").symlink_to(real / "corpus", target_is_directory=True)
-    (root / "data" / "zoo" / "tokenizer").symlink_to(real / "zoo" / "tokenizer",
-                                                      target_is_directory=True)
-    for name in models.ZOO_NAMES:
-        if (zoo / name).is_dir():
-            (root / "data" / "zoo" / name).symlink_to(zoo.resolve() / name,
-                                                       target_is_directory=True)
-    return root
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    final = json.loads(tz.CONFIG_FILE.read_text())["final_eval"]
+    final = zoo.load_settings()["final_eval"]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--zoo", type=Path, help="a folder of models to evaluate instead of "
                    "data/zoo (e.g. the output of train_zoo.py --smoke)")
@@ -416,45 +404,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    saved_root = os.environ.get("EFFARCH_ROOT")
-    readme = (args.zoo or paths.zoo_dir()) / "README.md"
-    root = fake_root(args.zoo) if args.zoo is not None else None
-    if root is not None:
-        os.environ["EFFARCH_ROOT"] = str(root)
-    try:
-        return _main(args, readme)
-    finally:
-        if saved_root is None:
-            os.environ.pop("EFFARCH_ROOT", None)
-        else:
-            os.environ["EFFARCH_ROOT"] = saved_root
-        if root is not None:
-            shutil.rmtree(root)  # symbolic links only: the models stay where they are
-
-
-def _main(args: argparse.Namespace, readme: Path) -> list[dict]:
-    start = time.perf_counter()
-    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    return evaluate_all(args, (args.zoo or paths.zoo_dir()) / "README.md", time.perf_counter())
+
+
+def evaluate_all(args: argparse.Namespace, readme: Path, start: float) -> list[dict]:
     try:
-        return _evaluate_all(args, readme, start)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _evaluate_all(args: argparse.Namespace, readme: Path, start: float) -> list[dict]:
-    wanted = {n.strip() if n.strip().startswith("tiny-") else f"tiny-{n.strip()}"
-              for n in (args.only.split(",") if args.only else models.ZOO_NAMES)}
-    if wanted - set(models.ZOO_NAMES):
-        raise SystemExit(f"unknown model(s) {', '.join(sorted(wanted - set(models.ZOO_NAMES)))}"
-                         f"; choose from {', '.join(models.ZOO_NAMES)}")
-    names = [n for n in models.ZOO_NAMES if n in wanted]
-    missing = [n for n in names if not (paths.zoo_dir() / n / "model.safetensors").is_file()]
+        names = zoo.model_names(args.only, order=registry.ZOO_NAMES)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    missing = [n for n in names
+               if not (registry.zoo_path(n, args.zoo) / "model.safetensors").is_file()]
     if missing:
         raise SystemExit(f"not trained yet: {', '.join(missing)} (run scripts/train_zoo.py)")
     tokenizer = data.load_tokenizer()
     text = data.corpus_text("validation")
-    ids = tz.text_ids(tokenizer, text)
+    ids = quality.text_ids(tokenizer, text)[0]  # (n,): <|endoftext|>, then the text
     labels = token_labels(tokenizer, text, *char_labels(data.corpus_domains("validation")))
     comp = compressors(text)
     results = []

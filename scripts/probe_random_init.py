@@ -9,6 +9,9 @@ through transformers and through effarch's fast path, in float32 and in bf16, an
 residual stream's size and how far the logits of each pair are apart. The output kept in
 data/measurements/random_init_probe_cpu.txt is why effarch.models draws random weights with
 initializer_range 0.02 (RANDOM_INIT_STD).
+
+Run it from the repository's root with ``effarch`` importable: installed (``make lab`` installs
+it) or ``PYTHONPATH=src`` (the GPU machine, which has no install).
 """
 
 import sys

@@ -11,6 +11,9 @@ machine that has PyTorch but no Jupyter), printing each cell's start time.
 Plots go to matplotlib's Agg backend (nothing is shown); widgets fall back to plain calls
 (effarch.plots.explore). A cell ending in an expression prints its value, as Jupyter shows it
 (a table prints as text). IPython magics are not supported: the course's notebooks have none.
+
+Run it from the repository's root with ``effarch`` importable: installed (``make lab`` installs
+it) or ``PYTHONPATH=src`` (the GPU machine, which has no install).
 """
 
 from __future__ import annotations

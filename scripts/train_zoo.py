@@ -18,374 +18,55 @@ Mamba layers (tiny-mamba and the hybrid's) train through mambapy's parallel scan
 imports (FACTS.md: ~20x faster than transformers' sequential loop); the saved config says
 ``use_mambapy=False`` so that the labs meet transformers' default path and effarch's fast path
 separately. ``train_meta.json`` records which path trained each model.
+
+The pieces live in the library: settings, configs and the validation measurement in
+``effarch.zoo`` (the same scorer as the labs', ``effarch.quality``), the sampler, optimiser,
+training step, checkpoints and logs in ``effarch.training``. Run it from the repository's root
+with ``effarch`` importable: installed (``make lab`` installs it) or ``PYTHONPATH=src``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import csv
-import hashlib
 import json
 import math
-import os
 import platform
-import random
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "src") not in sys.path:  # runs from a plain checkout (the GPU machine) too
-    sys.path.insert(0, str(ROOT / "src"))
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig  # noqa: E402
+from effarch import bench, data, paths, quality, training, zoo
 
-from effarch import bench, data, memory, models, paths, profile  # noqa: E402
-
-CONFIG_FILE = ROOT / "data" / "zoo" / "zoo_config.json"
-NAMES = models.ZOO_NAMES
-TRAIN_ORDER = ("tiny-transformer", "tiny-moe", "tiny-hybrid", "tiny-mamba")  # fastest first
-LOG_FIELDS = ("step", "tokens", "train_loss", "aux_loss", "val_loss", "lr", "elapsed_s")
 CHECKPOINT = "checkpoint.pt"
-
-
-# --- settings and model configs ------------------------------------------------------------
-
-
-def load_settings(path: Path = CONFIG_FILE, smoke: bool = False) -> dict:
-    """The training settings; with ``smoke`` the ``smoke`` block replaces sizes and budget."""
-    settings = json.loads(Path(path).read_text(encoding="utf-8"))
-    smoke_block = settings.pop("smoke", {})
-    settings["smoke"] = smoke
-    if not smoke:
-        return settings
-    for key, value in smoke_block.items():
-        if key == "model_overrides":
-            for name, over in value.items():
-                settings["models"][name]["config"].update(over)
-        elif isinstance(value, dict) and isinstance(settings.get(key), dict):
-            settings[key] = {**settings[key], **value}
-        elif not key.startswith("_"):
-            settings[key] = value
-    return settings
-
-
-def build_config(name: str, settings: dict):
-    """The transformers config of a zoo model as it is saved (``use_mambapy=False``)."""
-    spec = settings["models"][name]
-    special = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # <|endoftext|> (data.py)
-    kw = dict(spec["config"], vocab_size=settings["vocab_size"], **special)
-    if spec["model_type"] in ("mixtral", "jamba"):
-        kw["router_aux_loss_coef"] = settings["router_aux_loss_coef"]
-    if spec["model_type"] in ("mamba", "jamba"):
-        kw["use_mambapy"] = False
-    return CONFIG_MAPPING[spec["model_type"]](**kw)
-
-
-def is_moe(cfg) -> bool:
-    return cfg.model_type in ("mixtral", "jamba")
-
-
-def param_report(cfg) -> dict:
-    """Total / active / embedding parameters by formula (effarch.memory) and bf16 bytes."""
-    pc = memory.count_params(cfg)
-    return dict(total=pc.total, active=pc.active, embedding=pc.embedding, bf16_bytes=2 * pc.total)
-
-
-def fingerprint(name: str, settings: dict) -> str:
-    """What a checkpoint must match to be resumed: the model's and the run's settings."""
-    keep = {k: v for k, v in settings.items()
-            if k not in ("models", "gpu_estimate", "_comment", "checkpoint_minutes")}
-    blob = json.dumps([settings["models"][name], keep], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# --- Mamba path ---------------------------------------------------------------------------
-
-
-def mambapy_available() -> bool:
-    try:
-        import mambapy.pscan  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def set_mamba_path(model, use_mambapy: bool) -> str | None:
-    """Switch every Mamba mixer to mambapy's scan (or back); the config is left as saved.
-
-    Returns the path that runs now for a full sequence, or None when the model has no Mamba
-    layers. Without mamba-ssm transformers calls its PyTorch reference, which runs mambapy's
-    ``pscan`` when ``mixer.use_mambapy`` is set and mambapy imports, else a loop over the sequence.
-    """
-    mixers = [m for m in bench.mamba_mixers(model) if hasattr(m, "use_mambapy")]
-    if not mixers:
-        return None
-    on = use_mambapy and mambapy_available()
-    for m in mixers:
-        m.use_mambapy = on
-    return bench.mamba_path(model)  # mamba-ssm's kernels, when installed, win over both
-
-
-# --- data ---------------------------------------------------------------------------------
-
-
-def train_tokens(tokenizer, cache_dir: Path, max_chars: int | None = None) -> np.ndarray:
-    """Token ids of the train split, documents separated by <|endoftext|>, cached as .npy."""
-    docs = data.corpus_domains("train")
-    texts = [d.text for d in docs]
-    if max_chars:  # smoke mode: the first documents only
-        kept, n = [], 0
-        for t in texts:
-            if n >= max_chars:
-                break
-            kept.append(t)
-            n += len(t)
-        texts = kept
-    key = hashlib.sha256()
-    key.update(Path(data.tokenizer_dir() / "tokenizer.json").read_bytes())
-    for t in texts:
-        key.update(t.encode("utf-8"))
-    path = Path(cache_dir) / f"train-{key.hexdigest()[:16]}.npy"
-    if path.is_file():
-        return np.load(path)
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(eos)
-    arr = np.asarray(ids, dtype=np.uint16 if tokenizer.vocab_size <= 65536 else np.int32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-    return arr
-
-
-def validation_text(max_chars: int | None = None) -> str:
-    text = data.corpus_text("validation")
-    return text[:max_chars] if max_chars else text
-
-
-class WindowSampler:
-    """Batches of ``seq_len`` windows, a pure function of (seed, step): resuming needs no state.
-
-    Epoch e starts at a random offset in [0, seq_len) and visits its windows in a random order,
-    so every token is seen about equally often (seq_len < windows per epoch)."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
-        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
-        self.per_epoch = (len(tokens) - seq_len) // seq_len
-        if self.per_epoch < batch_size:
-            raise ValueError(f"{len(tokens)} tokens are too few for batches of {batch_size} x "
-                             f"{seq_len}")
-        self._epoch, self._order = -1, None
-
-    def _epoch_order(self, epoch: int) -> tuple[int, np.ndarray]:
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._epoch, self._order = epoch, (int(rng.integers(self.seq_len)),
-                                               rng.permutation(self.per_epoch))
-        return self._order
-
-    def batch(self, step: int) -> torch.Tensor:
-        rows = []
-        for i in range(step * self.batch_size, (step + 1) * self.batch_size):
-            offset, order = self._epoch_order(i // self.per_epoch)
-            start = offset + int(order[i % self.per_epoch]) * self.seq_len
-            rows.append(self.tokens[start:start + self.seq_len].astype(np.int64))
-        return torch.from_numpy(np.stack(rows))  # (b, l)
-
-    def epochs(self, steps: int) -> float:
-        return steps * self.batch_size / self.per_epoch
-
-
-# --- evaluation ---------------------------------------------------------------------------
-
-
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # float32 on the CPU
-
-
-def scoring_windows(n: int, window: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored position) of the windows that score positions 1..n-1 of a stream
-    once each; every window but a short stream's only one is ``window`` long."""
-    if not 0 < stride < window:
-        raise ValueError(f"need 0 < stride < window (a window's first token is context only), "
-                         f"got stride={stride}, window={window}")
-    if n <= window:
-        return [(0, 1)]
-    out, scored_to = [], 1
-    start = 0
-    while scored_to < n:
-        start = min(start, n - window)
-        out.append((start, scored_to))
-        scored_to = start + window
-        start += stride
-    return out
-
-
-@torch.no_grad()
-def stream_nll(model, ids: torch.Tensor, *, window: int, stride: int, batch_size: int,
-               device: torch.device, max_batches: int | None = None,
-               routes: list | None = None) -> tuple[float, int]:
-    """Summed NLL (nats, float32) and the number of scored tokens of ``ids`` (n,), windows of
-    ``window`` tokens moving by ``stride`` < ``window``; each position 1..n-1 is scored once.
-    Position 0 is context only: put ``<|endoftext|>`` there to score a whole text. Logits at t
-    predict t + 1 (float32 CE, never ``out.loss``, which for MoE models includes the router's
-    auxiliary loss).
-
-    With ``routes`` (a list, MoE models only) the routers' top-k choices for input positions
-    0..n-2, each taken from the window that scores its prediction, are appended to it as one
-    (n-1, k) int array per MoE layer (``output_router_logits=True``: (b·w, E) per layer).
-    """
-    was_training = model.training
-    model.eval()
-    wins = scoring_windows(len(ids), window, stride)
-    total, count = 0.0, 0
-    picked: list[list[torch.Tensor]] = []
-    for b, first in enumerate(range(0, len(wins), batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        group = wins[first:first + batch_size]
-        length = min(window, len(ids))
-        x = torch.stack([ids[s:s + length] for s, _ in group]).to(device)  # (b, w)
-        extra = {"output_router_logits": True} if routes is not None else {}
-        with autocast(device):
-            out = model(input_ids=x, use_cache=False, **extra)
-        logits = out.logits[:, :-1]  # (b, w-1, V)
-        target = x[:, 1:].clone()  # (b, w-1)
-        for row, (s, scored_from) in enumerate(group):
-            target[row, : scored_from - s - 1] = -100  # context already scored
-        if routes is not None:
-            k = model.config.num_experts_per_tok
-            layers = [r.float().reshape(len(group), length, -1) for r in out.router_logits]
-            picked.extend([lay[row, scored_from - s - 1:length - 1].topk(k).indices.cpu()
-                           for lay in layers] for row, (s, scored_from) in enumerate(group))
-        nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                target.reshape(-1), ignore_index=-100,
-                                                reduction="sum")
-        total += float(nll)
-        count += int((target != -100).sum())
-    model.train(was_training)
-    if routes is not None and picked:
-        routes.extend(torch.cat([w[i] for w in picked]).numpy() for i in range(len(picked[0])))
-    return total, count
-
-
-def text_ids(tokenizer, text: str) -> torch.Tensor:
-    """``<|endoftext|>`` followed by the text's tokens: (n,) int64."""
-    return torch.tensor([tokenizer.eos_token_id]
-                        + tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def text_bits_per_byte(model, tokenizer, text: str, *, window: int, stride: int,
-                       batch_size: int, device: torch.device, routes: list | None = None,
-                       ids: torch.Tensor | None = None) -> dict:
-    """Bits per UTF-8 byte of the whole ``text``: every token scored once (the first after
-    ``<|endoftext|>``), total nats / ln 2 / bytes. ``routes``: see `stream_nll`."""
-    if ids is None:
-        ids = text_ids(tokenizer, text)
-    nll, n = stream_nll(model, ids, window=window, stride=stride, batch_size=batch_size,
-                        device=device, routes=routes)
-    n_bytes = len(text.encode("utf-8"))
-    return dict(nll_per_token=nll / n, tokens=n, bytes=n_bytes,
-                bits_per_byte=bench.bits_per_byte(nll / n, n, n_bytes), window=window, stride=stride)
-
-
-# --- checkpoints --------------------------------------------------------------------------
-
-
-def rng_states() -> dict:
-    return dict(python=random.getstate(), numpy=np.random.get_state(),
-                torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_states(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(path: Path, **state) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a run killed mid-write leaves the previous checkpoint intact
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def append_log(path: Path, rows: list[dict]) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
-# --- training -----------------------------------------------------------------------------
-
-
-def make_optimizer(model, opt: dict) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        # matrices decay; norms, biases and Mamba's A_log and D do not (mamba-ssm's _no_weight_decay)
-        keep = p.dim() < 2 or name.endswith("A_log") or name.endswith(".D")
-        (no_decay if keep else decay).append(p)
-    groups = [dict(params=decay, weight_decay=opt["weight_decay"]),
-              dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"])
-
-
-def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
 
 
 class Run:
     """One model's training: what ``train_model`` carries between steps."""
 
-    def __init__(self, name, settings, device, work: Path, tokenizer, sampler, val_ids, args):
-        self.name, self.settings, self.device, self.args = name, settings, device, args
+    def __init__(self, name, settings, device, work: Path, sampler, val_ids):
+        self.name, self.settings, self.device = name, settings, device
         self.work = work / name
-        self.tokenizer, self.sampler, self.val_ids = tokenizer, sampler, val_ids
-        self.cfg = build_config(name, settings)
-        self.moe = is_moe(self.cfg)
+        self.sampler, self.val_ids = sampler, val_ids
+        self.cfg = zoo.build_config(name, settings)
+        self.moe = zoo.is_moe(self.cfg)
+        self.per_layer_aux = settings["models"][name].get("aux_loss", "pooled") == "per_layer"
         self.tokens_per_step = settings["batch_size"] * settings["seq_len"]
         self.total_steps = math.ceil(settings["train_tokens"] / self.tokens_per_step)
         transformers.set_seed(settings["seed"])
         self.model = AutoModelForCausalLM.from_config(self.cfg, dtype=torch.float32).to(device)
-        self.mamba_path = set_mamba_path(self.model, use_mambapy=True)
-        self.opt = make_optimizer(self.model, settings["optimizer"])
-        sch = settings["schedule"]
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(self.total_steps, sch["warmup_steps"], sch["min_lr_ratio"]))
+        self.mamba_path = training.set_mamba_path(self.model, use_mambapy=True)
+        self.opt = training.make_optimizer(self.model, settings["optimizer"])
+        self.sched = training.make_scheduler(self.opt, self.total_steps, settings["schedule"])
         self.step, self.elapsed = 0, 0.0
-        self.fp = fingerprint(name, settings)
+        self.fp = zoo.fingerprint(name, settings)
         self.experts_implementation: str | None = None
 
     def resume(self) -> bool:
@@ -400,61 +81,43 @@ class Run:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
-        set_rng_states(state["rng"])
+        training.set_rng_states(state["rng"])
         return True
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.work / CHECKPOINT, model=self.model.state_dict(),
-                        optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
-                        step=self.step, elapsed_s=self.elapsed, rng=rng_states(),
-                        fingerprint=self.fp, name=self.name)
+        training.save_checkpoint(
+            self.work / CHECKPOINT, model=self.model.state_dict(),
+            optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), step=self.step,
+            elapsed_s=self.elapsed, rng=training.rng_states(), fingerprint=self.fp,
+            name=self.name)
 
     def val_loss(self) -> float:
+        """Mean NLL per token (nats) of the validation ids in windows of seq_len moving by
+        seq_len - 1 (``val_batches`` batches of them when set: smoke runs)."""
         s = self.settings
-        nll, n = stream_nll(self.model, self.val_ids, window=s["seq_len"],
-                            stride=s["seq_len"] - 1, batch_size=s["batch_size"], device=self.device,
-                            max_batches=s.get("val_batches"))
-        return nll / n
+        window, stride = s["seq_len"], s["seq_len"] - 1
+        ids = self.val_ids
+        if s.get("val_batches"):
+            ids = ids[:, :(s["val_batches"] * s["batch_size"] - 1) * stride + window]
+        with training.autocast(self.device):
+            res = quality.sliding_window_perplexity(self.model, ids, max_length=window,
+                                                    stride=stride, batch_size=s["batch_size"])
+        return res.nll_per_token
 
     def train_step(self) -> tuple[float, float | None]:
         """One optimiser step; returns (cross-entropy, auxiliary loss or None)."""
         x = self.sampler.batch(self.step).to(self.device, non_blocking=True)  # (b, l)
-        extra = {"output_router_logits": True} if self.moe else {}
-        with autocast(self.device):
-            out = self.model(input_ids=x, labels=x, use_cache=False, **extra)
-        ce, aux = out.loss, None
-        if self.moe:  # out.loss = CE + coef * aux (Mixtral/Jamba ForCausalLM)
-            coef = self.cfg.router_aux_loss_coef
-            ce = out.loss - coef * out.aux_loss
-            aux = self.aux_loss(out)
-        loss = ce if aux is None else ce + self.cfg.router_aux_loss_coef * aux
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                       self.settings["optimizer"]["grad_clip"])
-        self.opt.step()
-        self.sched.step()
+        losses = training.train_step(self.model, self.opt, self.sched, x,
+                                     grad_clip=self.settings["optimizer"]["grad_clip"],
+                                     per_layer_aux=self.per_layer_aux)
         self.step += 1
-        return ce.item(), None if aux is None else aux.item()
-
-    def aux_loss(self, out) -> torch.Tensor:
-        """The load-balancing loss: transformers' own (``out.aux_loss``: f and P pooled over all
-        MoE layers, so one layer's dead experts can hide behind another's busy ones), or with
-        ``"aux_loss": "per_layer"`` in the model's entry of zoo_config.json the same function
-        applied to each layer and averaged (Switch Transformer's per-layer form; 2.0 = uniform
-        top-2 either way)."""
-        if self.settings["models"][self.name].get("aux_loss", "pooled") == "pooled":
-            return out.aux_loss
-        lb = sys.modules[type(self.model).__module__].load_balancing_loss_func
-        e, k = self.cfg.num_local_experts if self.cfg.model_type == "mixtral" \
-            else self.cfg.num_experts, self.cfg.num_experts_per_tok
-        return torch.stack([lb((g,), e, k) for g in out.router_logits]).mean()
+        return losses
 
 
 def _probe(run: Run) -> None:
     x = run.sampler.batch(0)[:2, :32].to(run.device)  # (2, 32)
     extra = {"output_router_logits": True} if run.moe else {}
-    with autocast(run.device):
+    with training.autocast(run.device):
         out = run.model(input_ids=x, labels=x, use_cache=False, **extra)
     out.loss.backward()
     run.model.zero_grad(set_to_none=True)
@@ -488,9 +151,9 @@ def train_model(run: Run, deadline: float, stop_after: int | None) -> bool:
         run.work.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)
     else:  # drop rows a killed run logged after its last checkpoint
-        rows = [r for r in read_log(log_path) if int(r["step"]) <= run.step]
+        rows = [r for r in training.read_log(log_path) if int(r["step"]) <= run.step]
         log_path.unlink(missing_ok=True)
-        append_log(log_path, rows)
+        training.append_log(log_path, rows)
     pending: list[dict] = []
     last_ckpt = time.time()
     bar = tqdm(total=run.total_steps, initial=run.step, desc=run.name, unit="step",
@@ -523,7 +186,7 @@ def train_model(run: Run, deadline: float, stop_after: int | None) -> bool:
         stop = time.time() > deadline or (stop_after is not None and run.step >= stop_after)
         due = time.time() - last_ckpt > 60 * s.get("checkpoint_minutes", 2.0)
         if run.step < run.total_steps and (stop or due):
-            append_log(log_path, pending)
+            training.append_log(log_path, pending)
             pending = []
             run.checkpoint()
             last_ckpt = time.time()
@@ -532,27 +195,22 @@ def train_model(run: Run, deadline: float, stop_after: int | None) -> bool:
                 print(f"{run.name}: stopped at step {run.step}/{run.total_steps} with a "
                       f"checkpoint in {run.work}; continue with --resume", flush=True)
                 return False
-    append_log(log_path, pending)
+    training.append_log(log_path, pending)
     bar.close()
     return True
 
 
-def save_final(run: Run, out_dir: Path) -> dict:
+def save_final(run: Run, out_dir: Path, tokenizer) -> dict:
     """bf16 safetensors + config + generation config, the log and the metadata."""
     s, dev = run.settings, run.device
-    val = text_bits_per_byte(run.model, run.tokenizer, validation_text(s.get("val_chars")),
-                             window=s["final_eval"]["window"], stride=s["final_eval"]["stride"],
-                             batch_size=s["batch_size"], device=dev, ids=run.val_ids)
+    res = zoo.score_text(run.model, tokenizer, zoo.validation_text(s.get("val_chars")),
+                         window=s["final_eval"]["window"], stride=s["final_eval"]["stride"],
+                         batch_size=s["batch_size"])
     target = out_dir / run.name
-    target.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(run.model).to("cpu", torch.bfloat16)
-    set_mamba_path(model, use_mambapy=False)
-    model.config.use_cache = True
-    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model.save_pretrained(target)  # transformers 5 writes safetensors only
-    log_rows = read_log(run.work / "train_log.csv")
+    model = training.save_model(run.model, target)
+    log_rows = training.read_log(run.work / "train_log.csv")
     with (target / "train_log.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        w = csv.DictWriter(f, fieldnames=training.LOG_FIELDS)
         w.writeheader()
         w.writerows(log_rows)
     last_val = next((float(r["val_loss"]) for r in reversed(log_rows) if r["val_loss"]), None)
@@ -566,42 +224,28 @@ def save_final(run: Run, out_dir: Path) -> dict:
         saved_dtype="bfloat16", mamba_path_in_training=run.mamba_path,
         experts_implementation=run.experts_implementation,
         torch=torch.__version__, transformers=transformers.__version__,
-        python=platform.python_version(), params=param_report(run.cfg),
-        final_val_loss=last_val, validation=val, smoke=s["smoke"], seed=s["seed"],
-        fingerprint=run.fp, settings={k: s[k] for k in ("seq_len", "batch_size", "train_tokens",
-                                                        "optimizer", "schedule",
-                                                        "router_aux_loss_coef")})
+        python=platform.python_version(), params=zoo.param_report(run.cfg),
+        final_val_loss=last_val, validation=zoo.validation_summary(res), smoke=s["smoke"],
+        seed=s["seed"], fingerprint=run.fp,
+        settings={k: s[k] for k in ("seq_len", "batch_size", "train_tokens", "optimizer",
+                                    "schedule", "router_aux_loss_coef")})
     (target / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     meta["reload_max_abs_diff"] = check_reload(model, target, run.experts_implementation)
     return meta
 
 
-@torch.no_grad()
-def check_reload(saved_model, target: Path, experts_implementation: str | None = None) -> float:
-    """Reload what was written and compare logits with the bf16 model that was saved."""
-    dev = next(saved_model.parameters()).device
-    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).to(dev)
-    if experts_implementation == "eager":  # the path that worked in training (ensure_trainable)
-        reloaded.set_experts_implementation("eager")
-    x = (torch.arange(1, 33).reshape(1, 32) % saved_model.config.vocab_size).to(dev)
-    a = saved_model.float().eval()(input_ids=x, use_cache=False).logits
-    b = reloaded.eval()(input_ids=x, use_cache=False).logits
-    diff = float((a - b).abs().max())
-    # Same weights; kernels differ (TF32 on a GPU, and a router's top-k can flip on a near-tie),
-    # so a large difference is reported, and only a broken file (NaN, wild logits) stops the run.
+def check_reload(saved_model, target: Path, experts_implementation: str | None) -> float:
+    """Reload what was written and compare logits with the bf16 model that was saved.
+
+    Same weights; kernels differ (TF32 on a GPU, and a router's top-k can flip on a near-tie),
+    so a large difference is reported, and only a broken file (NaN, wild logits) stops the run."""
+    diff = training.reload_difference(saved_model, target,
+                                      experts_implementation=experts_implementation)
     if not diff < 1.0:
         raise RuntimeError(f"{target}: reloaded logits differ by {diff}")
     if diff > 1e-3:
         print(f"{target.name}: reloaded logits differ by up to {diff:.2e} (kernel differences)")
     return diff
-
-
-def finished(out_dir: Path, name: str, fp: str) -> dict | None:
-    path = out_dir / name / "train_meta.json"
-    if not path.is_file() or not (out_dir / name / "model.safetensors").is_file():
-        return None
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    return meta if meta.get("fingerprint") == fp else None
 
 
 def print_table(metas: list[dict]) -> None:
@@ -626,7 +270,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--smoke: a temporary folder)")
     p.add_argument("--work", type=Path, help="checkpoints, logs and the token cache "
                    "(default runs/zoo, git-ignored; --smoke: inside --out)")
-    p.add_argument("--config", type=Path, default=CONFIG_FILE)
+    p.add_argument("--config", type=Path, default=None,
+                   help="the settings (default data/zoo/zoo_config.json)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoints; models already finished are skipped")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -639,20 +284,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only time N training steps per model (after 2 warm-up steps) and "
                         "project the full run's minutes; writes nothing")
     return p.parse_args(argv)
-
-
-def select(only: str | None) -> list[str]:
-    """The models to train, fastest first (a run cut short by --max-minutes finishes most)."""
-    if not only:
-        return list(TRAIN_ORDER)
-    names = set()
-    for n in only.split(","):
-        n = n.strip()
-        full = n if n.startswith("tiny-") else f"tiny-{n}"
-        if full not in NAMES:
-            raise SystemExit(f"unknown model {n!r}; choose from {', '.join(NAMES)}")
-        names.add(full)
-    return [n for n in TRAIN_ORDER if n in names]
 
 
 def time_steps(run: Run, n: int) -> dict:
@@ -668,83 +299,41 @@ def time_steps(run: Run, n: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    """Train the selected models; returns {name: {"meta", "model", "finished"}} for tests."""
+    """Train the selected models; returns {name: {"meta", "finished"}}."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
     if args.smoke:  # tiny matrices: one thread beats several on a shared CPU
         torch.set_num_threads(1)
-    try:
-        return _main(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _main(args: argparse.Namespace) -> dict:
     start = time.time()
-    deadline = start + 60 * args.max_minutes if args.max_minutes else float("inf")
-    settings = load_settings(args.config, smoke=args.smoke)
+    settings = zoo.load_settings(args.config, smoke=args.smoke)
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="zoo-smoke-")) if args.smoke else paths.zoo_dir()
     if args.work is None:
-        args.work = args.out / "_work" if args.smoke else ROOT / "runs" / "zoo"
+        args.work = args.out / "_work" if args.smoke else paths.repo_root() / "runs" / "zoo"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    names = select(args.only)
-    if not mambapy_available() and any(
+    try:
+        names = zoo.model_names(args.only)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if not training.mambapy_available() and any(
             settings["models"][n]["model_type"] in ("mamba", "jamba") for n in names):
         warnings.warn("mambapy is not importable: Mamba layers train through transformers' "
                       "sequential loop (use_mambapy=False), ~20x slower. Install the pure-"
                       "Python wheel (pip install --no-deps mambapy) to train at full speed.",
                       stacklevel=1)
-    tokenizer = data.load_tokenizer()
-    if len(tokenizer) > settings["vocab_size"]:
-        raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens but zoo_config.json says "
-                         f"vocab_size {settings['vocab_size']}")
     print(f"train_zoo: {', '.join(names)} on {device}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, mambapy {'yes' if mambapy_available() else 'NO'}; "
-          f"out {args.out}, work {args.work}", flush=True)
-    tokens = train_tokens(tokenizer, args.work / "tokens", settings.get("train_chars"))
-    sampler = WindowSampler(tokens, settings["seq_len"], settings["batch_size"], settings["seed"])
-    val_ids = text_ids(tokenizer, validation_text(settings.get("val_chars")))
-    print(f"train split: {len(tokens):,} tokens ({sampler.per_epoch:,} windows of "
-          f"{settings['seq_len']}); validation: {len(val_ids) - 1:,} tokens", flush=True)
-    results: dict = {}
+          f"{transformers.__version__}, mambapy "
+          f"{'yes' if training.mambapy_available() else 'NO'}; out {args.out}, work {args.work}",
+          flush=True)
+    tokenizer, sampler, val_ids = prepare_data(settings, args.work)
     if args.time_steps:
-        for name in names:
-            run = Run(name, settings, device, args.work, tokenizer, sampler, val_ids, args)
-            run.experts_implementation = ensure_trainable(run)
-            results[name] = time_steps(run, args.time_steps)
-        total = sum(r["minutes"] for r in results.values())
-        print(f"projected training time: {total:.1f} min (+ start-up, final evaluation, saving)")
-        return results
-    for name in names:
-        fp = fingerprint(name, settings)
-        done = finished(args.out, name, fp) if args.resume else None
-        if done:
-            print(f"{name}: already trained ({args.out / name}); skipped", flush=True)
-            results[name] = dict(meta=done, model=None, finished=True)
-            continue
-        if time.time() > deadline:
-            print(f"{name}: not started, --max-minutes reached", flush=True)
-            results[name] = dict(meta=None, model=None, finished=False)
-            continue
-        run = Run(name, settings, device, args.work, tokenizer, sampler, val_ids, args)
-        resumed = args.resume and run.resume()
-        pc = param_report(run.cfg)
-        print(f"{name}: {pc['total']:,} parameters ({pc['active']:,} active), "
-              f"{run.total_steps} steps of {run.tokens_per_step:,} tokens = "
-              f"{sampler.epochs(run.total_steps):.2f} epochs; Mamba path: {run.mamba_path}"
-              + (f"; resumed at step {run.step}" if resumed else ""), flush=True)
-        run.experts_implementation = ensure_trainable(run)
-        complete = train_model(run, deadline, args.stop_after_steps)
-        meta = save_final(run, args.out) if complete else None
-        if meta:
-            print(f"{name}: saved to {args.out / name} (val {meta['final_val_loss']:.4f} nats/"
-                  f"token, {meta['validation']['bits_per_byte']:.4f} bits/byte; reload check "
-                  f"max |Δlogit| {meta['reload_max_abs_diff']:.2g})", flush=True)
-        results[name] = dict(meta=meta, model=run.model, finished=complete)
+        return time_all(names, settings, device, args, sampler, val_ids)
+    results = {name: train_one(name, settings, device, args, tokenizer, sampler, val_ids,
+                               deadline=start + 60 * args.max_minutes if args.max_minutes
+                               else float("inf"))
+               for name in names}
     metas = [r["meta"] for r in results.values() if r["meta"]]
     if metas:
         print_table(metas)
@@ -753,6 +342,62 @@ def _main(args: argparse.Namespace) -> dict:
         print(f"unfinished: {', '.join(left)} — rerun with --resume", flush=True)
     print(f"train_zoo: {time.time() - start:.0f} s", flush=True)
     return results
+
+
+def prepare_data(settings: dict, work: Path):
+    """The tokenizer, the sampler over the train split and the validation ids (1, N)."""
+    tokenizer = data.load_tokenizer()
+    if len(tokenizer) > settings["vocab_size"]:
+        raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens but zoo_config.json says "
+                         f"vocab_size {settings['vocab_size']}")
+    tokens = training.train_tokens(tokenizer, work / "tokens",
+                                   max_chars=settings.get("train_chars"))
+    sampler = training.WindowSampler(tokens, settings["seq_len"], settings["batch_size"],
+                                     settings["seed"])
+    val_ids = quality.text_ids(tokenizer, zoo.validation_text(settings.get("val_chars")))
+    print(f"train split: {len(tokens):,} tokens ({sampler.per_epoch:,} windows of "
+          f"{settings['seq_len']}); validation: {val_ids.shape[1] - 1:,} tokens", flush=True)
+    return tokenizer, sampler, val_ids
+
+
+def time_all(names, settings, device, args, sampler, val_ids) -> dict:
+    """--time-steps: each model's step time and the projected minutes; writes nothing."""
+    results = {}
+    for name in names:
+        run = Run(name, settings, device, args.work, sampler, val_ids)
+        run.experts_implementation = ensure_trainable(run)
+        results[name] = time_steps(run, args.time_steps)
+    total = sum(r["minutes"] for r in results.values())
+    print(f"projected training time: {total:.1f} min (+ start-up, final evaluation, saving)")
+    return results
+
+
+def train_one(name, settings, device, args, tokenizer, sampler, val_ids, *,
+              deadline: float) -> dict:
+    """Train (or skip, or resume) one model; {"meta": train_meta or None, "finished": bool}."""
+    fp = zoo.fingerprint(name, settings)
+    done = zoo.finished(args.out, name, fp) if args.resume else None
+    if done:
+        print(f"{name}: already trained ({args.out / name}); skipped", flush=True)
+        return dict(meta=done, finished=True)
+    if time.time() > deadline:
+        print(f"{name}: not started, --max-minutes reached", flush=True)
+        return dict(meta=None, finished=False)
+    run = Run(name, settings, device, args.work, sampler, val_ids)
+    resumed = args.resume and run.resume()
+    pc = zoo.param_report(run.cfg)
+    print(f"{name}: {pc['total']:,} parameters ({pc['active']:,} active), "
+          f"{run.total_steps} steps of {run.tokens_per_step:,} tokens = "
+          f"{sampler.epochs(run.total_steps):.2f} epochs; Mamba path: {run.mamba_path}"
+          + (f"; resumed at step {run.step}" if resumed else ""), flush=True)
+    run.experts_implementation = ensure_trainable(run)
+    complete = train_model(run, deadline, args.stop_after_steps)
+    meta = save_final(run, args.out, tokenizer) if complete else None
+    if meta:
+        print(f"{name}: saved to {args.out / name} (val {meta['final_val_loss']:.4f} nats/"
+              f"token, {meta['validation']['bits_per_byte']:.4f} bits/byte; reload check "
+              f"max |Δlogit| {meta['reload_max_abs_diff']:.2g})", flush=True)
+    return dict(meta=meta, finished=complete)
 
 
 if __name__ == "__main__":
