@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import transformers
 
-from effarch import bench, data, memory, models, paths, quality, registry, zoo
+from effarch import backends, data, memory, models, paths, quality, registry, zoo
 
 CLASSES = ("keyword", "identifier", "punctuation", "whitespace", "number", "string/comment",
            "prose word")
@@ -224,7 +224,7 @@ def evaluate(name: str, args, text: str, ids: torch.Tensor,
                   validation=zoo.validation_summary(res),
                   params=dict(total=pc.total, active=pc.active),
                   weights_bytes=(folder / "model.safetensors").stat().st_size,
-                  mamba_path=bench.mamba_path(model), train_meta=zoo.read_train_meta(folder),
+                  mamba_path=backends.mamba_path(model), train_meta=zoo.read_train_meta(folder),
                   samples={k: generate(model, tokenizer, p, args.new_tokens, args.seed)
                            for k, p in PROMPTS.items()})
     if moe:

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from effarch import backends, bench, compat, decoding
+from effarch import backends, bench, compat, decoding, quality
 
 transformers = pytest.importorskip("transformers")
 
@@ -204,7 +204,7 @@ def _guide_nll(model, ids, max_length, stride):
 
 def test_perplexity_plain_chunks(llama):
     ids = _ids(1, 40)  # (1, N)
-    res = bench.sliding_window_perplexity(llama, ids, max_length=16, stride=16)
+    res = quality.sliding_window_perplexity(llama, ids, max_length=16, stride=16)
     chunks = [ids[:, i:i + 16] for i in range(0, 40, 16)]
     with torch.no_grad():
         total = sum(llama(c, labels=c).loss.item() * (c.shape[1] - 1) for c in chunks)
@@ -216,7 +216,7 @@ def test_perplexity_plain_chunks(llama):
 def test_perplexity_full_window_equals_model_loss(name, request):
     model = request.getfixturevalue(name)
     ids = _ids(1, 40)
-    res = bench.sliding_window_perplexity(model, ids, max_length=64, stride=16)
+    res = quality.sliding_window_perplexity(model, ids, max_length=64, stride=16)
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
     assert res.tokens_scored == 39 and res.windows == 1
@@ -227,7 +227,7 @@ def test_perplexity_full_window_equals_model_loss(name, request):
 
 def test_perplexity_overlapping_windows_score_each_token_once(llama):
     ids = _ids(1, 40)
-    res = bench.sliding_window_perplexity(llama, ids, max_length=16, stride=5)
+    res = quality.sliding_window_perplexity(llama, ids, max_length=16, stride=5)
     nll, count = _guide_nll(llama, ids, 16, 5)
     assert res.tokens_scored == count == 39
     assert res.nll_per_token == pytest.approx(nll, abs=1e-5)
@@ -235,9 +235,9 @@ def test_perplexity_overlapping_windows_score_each_token_once(llama):
 
 def test_perplexity_rejects_bad_arguments(llama):
     with pytest.raises(ValueError):
-        bench.sliding_window_perplexity(llama, _ids(1, 20), max_length=8, stride=9)
+        quality.sliding_window_perplexity(llama, _ids(1, 20), max_length=8, stride=9)
     with pytest.raises(ValueError):
-        bench.sliding_window_perplexity(llama, _ids(2, 20), max_length=8, stride=4)
+        quality.sliding_window_perplexity(llama, _ids(2, 20), max_length=8, stride=4)
 
 
 class ByteTokenizer:
@@ -248,15 +248,15 @@ class ByteTokenizer:
 
 
 def test_bits_per_byte():
-    assert bench.bits_per_byte(math.log(2), 10, 5) == pytest.approx(2.0)
-    assert bench.bits_per_byte(1.0, 300, 1000) == pytest.approx(300 / math.log(2) / 1000)
+    assert quality.bits_per_byte(math.log(2), 10, 5) == pytest.approx(2.0)
+    assert quality.bits_per_byte(1.0, 300, 1000) == pytest.approx(300 / math.log(2) / 1000)
     with pytest.raises(ValueError):
-        bench.bits_per_byte(1.0, 3, 0)
+        quality.bits_per_byte(1.0, 3, 0)
 
 
 def test_evaluate_text(llama):
     text = "def f(x):\n    return x + 1  # é\n" * 2
-    res = bench.evaluate_text(llama, ByteTokenizer(), text, max_length=32, stride=16)
+    res = quality.evaluate_text(llama, ByteTokenizer(), text, max_length=32, stride=16)
     assert res.n_bytes == len(text.encode("utf-8"))
     assert res.tokens_scored == res.n_bytes - 1
     assert res.bits_per_byte == pytest.approx(

@@ -234,7 +234,7 @@ def test_grouped_b_and_c_go_to_the_reference():
 
 
 def test_generator_scores_a_text_like_the_model():
-    from effarch import bench, compat, memory
+    from effarch import compat, memory, quality
 
     model = _tiny_mamba()
     ids = torch.randint(0, 300, (1, 90), generator=torch.Generator().manual_seed(5))
@@ -250,8 +250,8 @@ def test_generator_scores_a_text_like_the_model():
     theirs = memory.measure_cache_bytes(compat.returned_cache(out))
     assert (mine.conv, mine.ssm, mine.dtypes) == (theirs.conv, theirs.ssm, theirs.dtypes)
     assert mine.total == memory.ssm_state_bytes(model.config, 1, torch.float32)
-    slow = bench.sliding_window_perplexity(model, ids, max_length=32, stride=16)
-    quick = bench.sliding_window_perplexity(gen, ids, max_length=32, stride=16)
+    slow = quality.sliding_window_perplexity(model, ids, max_length=32, stride=16)
+    quick = quality.sliding_window_perplexity(gen, ids, max_length=32, stride=16)
     assert (quick.tokens_scored, quick.windows) == (slow.tokens_scored, slow.windows) == (89, 5)
     assert quick.nll_per_token == pytest.approx(slow.nll_per_token, rel=1e-5)
     assert quick.mamba_path.startswith("effarch fast path")

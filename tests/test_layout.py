@@ -1,4 +1,4 @@
-"""The library's layout: imports flow one way, scripts are programs, private names stay private."""
+"""The library's layout: imports flow one way, private names stay private."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "effarch"
-SCRIPTS = PACKAGE.parents[1] / "scripts"
+SCRIPTS = PACKAGE.parents[1] / "scripts"  # scripts as programs: tests/test_scripts.py
 
 
 def _imports(path: Path) -> set[str]:
@@ -79,14 +79,6 @@ def test_low_level_modules_never_reach_up():
                "memory": {"compat", "profile", "registry", "paths"}}
     for module, ok in allowed.items():
         assert graph[module] <= ok, f"effarch.{module} imports {sorted(graph[module] - ok)}"
-
-
-def test_scripts_are_programs():
-    for script in SCRIPTS.glob("*.py"):
-        text = script.read_text(encoding="utf-8")
-        assert "sys.path" not in text, f"{script.name} edits sys.path: import effarch instead"
-        assert "spec_from_file_location" not in text, (
-            f"{script.name} loads a script by path: move what it shares into effarch")
 
 
 def test_no_private_names_across_modules():

@@ -24,6 +24,8 @@ from the foundations at the top of this table to the labs' helpers at its bottom
 | ``moe`` | routing statistics, parameter counts of MoE models, the router's pieces |
 | ``checks`` | the exercise checks: the student's answer when it passes, the reference when not |
 | ``plots`` | the labs' shared plots and widgets |
+| ``zoo``, ``training`` | the tiny zoo's settings, configs and evaluation; its training loop's pieces (``scripts/train_zoo.py``, ``scripts/eval_zoo.py``) |
+| ``runs`` | kept records of whole-lab runs at full size, and the documents' tables made of them |
 | ``doctor`` | the environment report (``python -m effarch doctor``) |
 | ``testing`` | the pytest plugin that runs labs unsolved and solutions strict |
 

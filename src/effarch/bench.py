@@ -223,7 +223,7 @@ def _timed_generation(decoder: Decoder, input_ids, *, attention_mask, new_tokens
 # --------------------------------------------------------------------------------------------
 
 @dataclass(kw_only=True)
-class _Result:
+class RunRecord:
     """The record every result carries: what ran, where, and on which versions."""
 
     label: str | None
@@ -240,7 +240,7 @@ class _Result:
 
 
 @dataclass
-class GenerationResult(_Result):
+class GenerationResult(RunRecord):
     """Prefill and decode figures of one model on one prompt shape, with the run's record.
 
     ``decode_tokens_per_s`` counts generated tokens after the first, b·(n − 1), over decode time
@@ -420,107 +420,6 @@ def context_sweep(model, make_input_ids: Callable[[int], torch.Tensor] | None = 
                      "new_tokens": new_tokens, "skipped": reason})
     columns = [f.name for f in fields(GenerationResult)] + ["skipped"]
     return pd.DataFrame(rows, columns=columns)
-
-
-# --------------------------------------------------------------------------------------------
-# perplexity and bits per byte
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class PerplexityResult(_Result):
-    """Mean negative log-likelihood of the scored tokens, in nats, and what follows from it."""
-
-    nll_per_token: float
-    perplexity: float
-    bits_per_token: float
-    tokens_scored: int
-    windows: int
-    max_length: int
-    stride: int
-    n_bytes: int | None = None
-    bits_per_byte: float | None = None
-
-
-def _window_nll(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed NLL (nats) and count of the window's scored tokens. ids, labels: (1, w).
-
-    The logits at position t predict token t + 1, so labels shift by one as in transformers'
-    ``ForCausalLMLoss``; computed here (float32) rather than read from ``out.loss``, which for
-    MoE models can include the router's auxiliary loss."""
-    logits = model.all_logits(ids)[:, :-1, :]  # (1, w-1, V)
-    target = labels[:, 1:]  # (1, w-1)
-    nll = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-        ignore_index=-100, reduction="sum")
-    return float(nll), int((target != -100).sum())
-
-
-def sliding_window_perplexity(model, input_ids: torch.Tensor, *, max_length: int, stride: int,
-                              device=None, progress: bool = False,
-                              label: str | None = None) -> PerplexityResult:
-    """Perplexity of ``input_ids`` (1, N) with windows of ``max_length`` tokens moving by
-    ``stride`` — the method of the transformers guide "Perplexity of fixed-length models".
-
-    The overlap with the previous window is context only (labels -100), so each token is scored
-    once: N − 1 tokens when ``stride < max_length`` (the first token has no context); with
-    ``stride == max_length`` (plain chunks) each chunk's first token goes unscored. The mean is
-    weighted by the exact number of tokens each window scored. ``model`` is a causal LM or an
-    ``effarch.fast.MambaFastGenerator`` (scored through its fast prefill).
-    """
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must be (1, N), got {tuple(input_ids.shape)}")
-    if not 0 < stride <= max_length:
-        raise ValueError(f"need 0 < stride <= max_length, got stride={stride}, "
-                         f"max_length={max_length}")
-    from tqdm.auto import tqdm
-
-    model = as_decoder(model)
-    device = _device(device) if device is not None else model.device
-    n = input_ids.shape[1]
-    nll_sum, scored, windows, prev_end = 0.0, 0, 0, 0
-    with inference(model):
-        for begin in tqdm(range(0, n, stride), desc="perplexity", disable=not progress):
-            end = min(begin + max_length, n)
-            ids = input_ids[:, begin:end].to(device)  # (1, w)
-            labels = ids.clone()
-            labels[:, : ids.shape[1] - (end - prev_end)] = -100  # context already scored
-            window_nll, window_count = _window_nll(model, ids, labels)
-            nll_sum, scored, windows, prev_end = (nll_sum + window_nll, scored + window_count,
-                                                  windows + 1, end)
-            if end == n:
-                break
-    return _perplexity_result(model, device, nll_sum, scored, windows, max_length, stride, label)
-
-
-def _perplexity_result(model, device, nll_sum, scored, windows, max_length, stride, label):
-    if scored == 0:
-        raise ValueError("no token was scored: the text needs at least two tokens")
-    nll = nll_sum / scored
-    return PerplexityResult(nll_per_token=nll, perplexity=math.exp(nll),
-                            bits_per_token=nll / math.log(2), tokens_scored=scored,
-                            windows=windows, max_length=max_length, stride=stride,
-                            **run_record(model, label=label))
-
-
-def bits_per_byte(nll_nats_per_token: float, n_tokens: int, n_bytes: int) -> float:
-    """Total NLL in bits over the text's UTF-8 bytes: nll · tokens / ln 2 / bytes — comparable
-    across tokenizers (and with compressors: ``xz`` reaches about 1.7 on Python source)."""
-    if n_bytes <= 0:
-        raise ValueError("n_bytes must be positive")
-    return nll_nats_per_token * n_tokens / math.log(2) / n_bytes
-
-
-def evaluate_text(model, tokenizer, text: str, max_length: int, stride: int,
-                  **kw) -> PerplexityResult:
-    """`sliding_window_perplexity` of ``text`` plus its bits per byte, with bytes =
-    ``len(text.encode("utf-8"))``. The first token, never scored, counts in the bytes: on a
-    text of thousands of tokens the difference is negligible. ``kw`` goes to
-    `sliding_window_perplexity`."""
-    ids = torch.as_tensor(tokenizer(text)["input_ids"]).reshape(1, -1)  # (1, N)
-    res = sliding_window_perplexity(model, ids, max_length=max_length, stride=stride, **kw)
-    res.n_bytes = len(text.encode("utf-8"))
-    res.bits_per_byte = bits_per_byte(res.nll_per_token, res.tokens_scored, res.n_bytes)
-    return res
 
 
 # --------------------------------------------------------------------------------------------

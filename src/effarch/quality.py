@@ -17,7 +17,6 @@ E experts, k experts per token, m routed positions.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field, fields
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from effarch import bench
-from effarch.fast import MambaFastGenerator
+from effarch.decoding import Decoder, TransformersDecoder, as_decoder, inference
 
 
 @dataclass
@@ -44,10 +43,8 @@ class Routes:
     experts: list[np.ndarray]
 
 
-# The record of what ran (model class, device, dtype, profile, Mamba path, versions) is bench's
-# until the lead's split of bench gives it a public home (issue 9).
 @dataclass
-class PerplexityResult(bench._Result):
+class PerplexityResult(bench.RunRecord):
     """Mean negative log-likelihood of the scored tokens, in nats, and what follows from it."""
 
     nll_per_token: float
@@ -85,19 +82,12 @@ def scoring_windows(n: int, max_length: int, stride: int) -> list[tuple[int, int
     return out
 
 
-def _all_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """Logits at every position, (b, w, V), of a causal LM or an ``effarch.fast`` generator
-    (scored through its own prefill). The one place that tells the two apart."""
-    if isinstance(model, MambaFastGenerator):
-        return model.prefill(ids, all_logits=True)
-    return model(input_ids=ids, use_cache=False).logits
-
-
-def _routed_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def _routed_logits(decoder: Decoder, ids: torch.Tensor
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Logits (b, w, V) and each MoE layer's router logits, (b·w, E) per layer."""
-    out = model(input_ids=ids, use_cache=False, output_router_logits=True)
+    out = decoder.module(input_ids=ids, use_cache=False, output_router_logits=True)
     if not getattr(out, "router_logits", None):
-        raise ValueError(f"{type(model).__name__} returned no router logits: capture_routes "
+        raise ValueError(f"{decoder.model_class} returned no router logits: capture_routes "
                          "needs a mixture-of-experts model")
     return out.logits, out.router_logits
 
@@ -123,14 +113,16 @@ def _group_routes(router_logits, group: list, k: int) -> list[list[np.ndarray]]:
              for lay in layers] for row, (begin, end, first) in enumerate(group)]
 
 
-def _score_group(model, ids: torch.Tensor, group: list, device, routes: list | None):
+def _score_group(decoder: Decoder, ids: torch.Tensor, group: list, device,
+                 routes: list | None):
     """Summed NLL (nats) and count of the scored tokens of equal-length windows (b, w)."""
     x = torch.stack([ids[begin:end] for begin, end, _ in group]).to(device)      # (b, w)
     if routes is None:
-        logits = _all_logits(model, x)
+        logits = decoder.all_logits(x)
     else:
-        logits, router_logits = _routed_logits(model, x)
-        routes.extend(_group_routes(router_logits, group, model.config.num_experts_per_tok))
+        logits, router_logits = _routed_logits(decoder, x)
+        k = decoder.module.config.num_experts_per_tok
+        routes.extend(_group_routes(router_logits, group, k))
     target = x[:, 1:].clone()                                                     # (b, w-1)
     for row, (begin, _, first) in enumerate(group):
         target[row, : first - begin - 1] = -100  # context already scored
@@ -147,39 +139,17 @@ def _collect_routes(windows: list, per_window: list[list[np.ndarray]]) -> Routes
     return Routes(positions=positions.astype(np.int64), experts=experts)
 
 
-def model_device(model) -> torch.device:
-    """Where a causal LM's (or a fast generator's) weights are."""
-    device = getattr(model, "device", None)  # transformers models and the fast generator
-    return device if device is not None else next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _evaluating(model):
-    """No autograd, and a module in ``eval()`` (no dropout; Mamba's training path differs),
-    restored afterwards. The fast generator reads weights only and has no mode."""
-    module = model if isinstance(model, torch.nn.Module) else None
-    was_training = module is not None and module.training
-    if module is not None:
-        module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training:
-            module.train()
-
-
-def _check_arguments(model, input_ids, batch_size, capture_routes) -> None:
+def _check_arguments(decoder: Decoder, input_ids, batch_size, capture_routes) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be (1, N), got {tuple(input_ids.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if capture_routes and isinstance(model, MambaFastGenerator):
-        raise ValueError("capture_routes needs a transformers MoE model; the fast Mamba "
-                         "generator has no routers")
-    if capture_routes and getattr(model.config, "num_experts_per_tok", None) is None:
+    if capture_routes and not isinstance(decoder, TransformersDecoder):
+        raise ValueError(f"capture_routes needs a transformers MoE model; {decoder.model_class} "
+                         "has no routers")
+    if capture_routes and getattr(decoder.module.config, "num_experts_per_tok", None) is None:
         raise ValueError(f"capture_routes needs a mixture-of-experts model; "
-                         f"{type(model).__name__} has no num_experts_per_tok in its config")
+                         f"{decoder.model_class} has no num_experts_per_tok in its config")
 
 
 def sliding_window_perplexity(model, input_ids: torch.Tensor, *, max_length: int, stride: int,
@@ -192,20 +162,22 @@ def sliding_window_perplexity(model, input_ids: torch.Tensor, *, max_length: int
     ``batch_size`` windows of equal length run in one forward (the same figures to float
     rounding; 1, the default, reproduces the labs' numbers exactly). ``capture_routes`` (MoE
     models) fills ``result.routes`` (`Routes`) from the same pass (``output_router_logits``).
-    ``model`` is a causal LM or an ``effarch.fast.MambaFastGenerator``. The mean is weighted by
-    the exact number of tokens each window scored.
+    ``model`` is a causal LM or any ``effarch.decoding.Decoder`` (the fast Mamba generator
+    scores through its own prefill). The mean is weighted by the exact number of tokens each
+    window scored.
     """
-    _check_arguments(model, input_ids, batch_size, capture_routes)
+    decoder = as_decoder(model)
+    _check_arguments(decoder, input_ids, batch_size, capture_routes)
     from tqdm.auto import tqdm
 
-    device = torch.device(device) if device is not None else model_device(model)
+    device = torch.device(device) if device is not None else decoder.device
     windows = scoring_windows(input_ids.shape[1], max_length, stride)
     ids = input_ids[0]                                                            # (N,)
     nll_sum, scored, per_window = 0.0, 0, ([] if capture_routes else None)
-    with _evaluating(model):
+    with inference(decoder):
         for group in tqdm(_batches(windows, batch_size), desc="perplexity",
                           disable=not progress):
-            group_nll, group_count = _score_group(model, ids, group, device, per_window)
+            group_nll, group_count = _score_group(decoder, ids, group, device, per_window)
             nll_sum, scored = nll_sum + group_nll, scored + group_count
     if scored == 0:
         raise ValueError("no token was scored: the text needs at least two tokens")
@@ -214,7 +186,7 @@ def sliding_window_perplexity(model, input_ids: torch.Tensor, *, max_length: int
         nll_per_token=nll, perplexity=math.exp(nll), bits_per_token=nll / math.log(2),
         tokens_scored=scored, windows=len(windows), max_length=max_length, stride=stride,
         routes=_collect_routes(windows, per_window) if capture_routes else None,
-        **bench._record(model, device, label))
+        **bench.run_record(decoder, label=label))
 
 
 def bits_per_byte(nll_nats_per_token: float, n_tokens: int, n_bytes: int) -> float:

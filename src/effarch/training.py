@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from effarch import bench, data, zoo
+from effarch import backends, data, zoo
 
 LOG_FIELDS = ("step", "tokens", "train_loss", "aux_loss", "val_loss", "lr", "elapsed_s")
 
@@ -50,17 +50,17 @@ def mambapy_available() -> bool:
 def set_mamba_path(model, *, use_mambapy: bool) -> str | None:
     """Switch every Mamba mixer to mambapy's scan (or back); the config is left as saved.
 
-    Returns the path that runs now for a full sequence (`effarch.bench.mamba_path`), or None
+    Returns the path that runs now for a full sequence (`effarch.backends.mamba_path`), or None
     when the model has no Mamba layers. Without mamba-ssm transformers calls its PyTorch
     reference, which runs mambapy's ``pscan`` when ``mixer.use_mambapy`` is set and mambapy
     imports, else a loop over the sequence."""
-    mixers = [m for m in bench.mamba_mixers(model) if hasattr(m, "use_mambapy")]
+    mixers = [m for m in backends.mamba_mixers(model) if hasattr(m, "use_mambapy")]
     if not mixers:
         return None
     on = use_mambapy and mambapy_available()
     for m in mixers:
         m.use_mambapy = on
-    return bench.mamba_path(model)  # mamba-ssm's kernels, when installed, win over both
+    return backends.mamba_path(model)  # mamba-ssm's kernels, when installed, win over both
 
 
 # --- data -------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def score_text(model, tokenizer, text: str, *, window: int, stride: int, batch_s
     """The zoo's measurement of a text: `effarch.quality.evaluate_text` with ``batch_size``
     windows per forward, under bf16 autocast on CUDA (training keeps float32 weights there),
     in the model's own dtype elsewhere. ``capture_routes``: see `quality.Routes`."""
-    device = quality.model_device(model)
+    device = next(model.parameters()).device
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else contextlib.nullcontext())
     with amp:
