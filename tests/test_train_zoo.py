@@ -189,28 +189,6 @@ def ez():
     return module
 
 
-def test_mutual_information_and_its_shuffled_baseline(ez):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    label = rng.integers(0, 4, 20_000)
-    assert ez.mutual_information(label, label, 4, 4) == pytest.approx(2.0, abs=0.01)  # H = 2 bits
-    noise = ez.mi_with_baseline(rng.integers(0, 8, 20_000), label, 8, 4, n_perm=20)
-    assert noise["mi_bits"] < 3 * noise["perm_p99"]
-    tied = ez.mi_with_baseline(label * 2, label, 8, 4, n_perm=20)
-    assert tied["mi_bits"] > 100 * tied["perm_p99"]
-
-
-def test_code_token_classes(ez):
-    text = 'def f(x):\n    return x + 1  # one\n'
-    cls = ez._code_classes(text)
-    name = {i: c for i, c in enumerate(ez.CLASSES)}
-    at = [0, 4, 5, 10, 25, 28]  # def, f, (, indentation, 1, # one
-    assert [name[cls[i]] for i in at] == [
-        "keyword", "identifier", "punctuation", "whitespace", "number", "string/comment"]
-    assert name[cls[text.index("return")]] == "keyword"
-
-
 def test_eval_zoo_on_the_smoke_models(smoke, ez, monkeypatch):
     out, _ = smoke
     monkeypatch.delenv("EFFARCH_ROOT", raising=False)
