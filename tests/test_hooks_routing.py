@@ -205,3 +205,18 @@ def test_zoo_models(name):
         torch.testing.assert_close(r.logits, logits.float().reshape(r.logits.shape))
     assert all(torch.allclose(r.topk_weight.sum(-1), torch.ones(18)) for r in trace) \
         == (name == "tiny-moe")  # Mixtral renormalises its top-2, Jamba does not
+
+
+def test_trace_tokens_drop_padding_across_calls():
+    model = _build("mixtral")
+    ids, mask = _inputs()
+    with hooks.capture_routing(model) as trace, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids[:1, :3])
+    index, weight, logits = trace.tokens(trace.moe_layers[1])
+    real = int(mask.sum()) + 3
+    assert index.shape == (real, 2) and weight.shape == (real, 2) and logits.shape == (real, 4)
+    first = trace.get(trace.moe_layers[1], 0)
+    assert torch.equal(index[:int(mask.sum())], first.topk_index[first.token_mask])
+    with pytest.raises(KeyError, match="not an MoE layer"):
+        trace.tokens(99)

@@ -274,6 +274,17 @@ class RoutingTrace(list):
         raise KeyError(f"no record for layer {layer}, call {call}; MoE layers: "
                        f"{self.moe_layers}, calls recorded: {self.calls}")
 
+    def tokens(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer over every call, real tokens only (padding dropped), in call order:
+        ``topk_index`` (N, k), ``topk_weight`` (N, k), ``logits`` (N, E)."""
+        records = [r for r in self if r.layer == layer]
+        if not records:
+            raise KeyError(f"layer {layer} is not an MoE layer recorded here; these are: "
+                           f"{self.moe_layers}")
+        keep = [r.token_mask for r in records]
+        return tuple(torch.cat([getattr(r, f)[m] for r, m in zip(records, keep, strict=True)])
+                     for f in ("topk_index", "topk_weight", "logits"))
+
 
 def _experts_size(module: torch.nn.Module) -> int:
     """E when ``module`` holds fused expert weights: two or more direct 3-D parameters with the

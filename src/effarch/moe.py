@@ -152,6 +152,76 @@ def small_config(family: str, **overrides):
     return CONFIG_MAPPING[family](**{**_SMALL, **_SMALL_FAMILY[family], **overrides})
 
 
+def _expert_width(cfg) -> int:
+    return getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+
+
+def shared_experts(cfg) -> int:
+    """Always-on experts per MoE layer (Qwen2-MoE: one, gated; DeepSeek: ``n_shared_experts``)."""
+    mt = getattr(cfg, "model_type", "")
+    if mt == "qwen2_moe":
+        return int(bool(getattr(cfg, "shared_expert_intermediate_size", 0)))
+    if mt in ("deepseek_v2", "deepseek_v3"):
+        return int(cfg.n_shared_experts or 0)
+    return 0
+
+
+def topk_weighting(cfg) -> str:
+    """How the family weighs the k selected experts (checked per family by
+    tests/test_hooks_routing.py against what the experts really received)."""
+    mt = getattr(cfg, "model_type", "")
+    renorm = bool(getattr(cfg, "norm_topk_prob", False))
+    return {
+        "mixtral": "softmax over all E, top-k renormalised to sum 1",
+        "jamba": "softmax over all E, top-k not renormalised",
+        "granitemoe": "softmax over the k selected logits",
+        "phimoe": "sparsemixer: a masked softmax per choice",
+        "deepseek_v2": f"softmax over all E, times routed_scaling_factor "
+                       f"{getattr(cfg, 'routed_scaling_factor', 1.0)}",
+        "deepseek_v3": f"sigmoid scores{', renormalised' if renorm else ''}, times "
+                       f"routed_scaling_factor {getattr(cfg, 'routed_scaling_factor', 1.0)}",
+    }.get(mt, "softmax over all E, top-k " + ("renormalised" if renorm else "not renormalised")
+          + " (norm_topk_prob)")
+
+
+def config_summary(cfg) -> dict:
+    """What an MoE config says: experts, top-k and their weighting, shared experts, which decoder
+    layers are MoE and which dense."""
+    moe_idx = moe_layers(cfg)
+    return {"model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
+            "hidden": cfg.hidden_size, "experts per MoE layer (E)": n_experts(cfg),
+            "experts per token (k)": memory.experts_per_token(cfg),
+            "expert width": _expert_width(cfg),
+            "shared experts": shared_experts(cfg), "top-k weights": topk_weighting(cfg),
+            "MoE layers": moe_idx,
+            "dense layers": [i for i in range(cfg.num_hidden_layers) if i not in moe_idx]}
+
+
+def dense_twin_config(cfg):
+    """A dense Llama config with the same attention, layers and vocabulary as an MoE ``cfg`` and
+    a SwiGLU as wide as the k experts (plus shared expert) a token uses: about the MoE's active
+    parameters (less the routers and any q/k norms), for timing compute against memory. Every
+    layer of ``cfg`` must be MoE, with standard attention (not DeepSeek's MLA, not Jamba)."""
+    from transformers import LlamaConfig
+
+    if cfg.model_type not in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe",
+                              "granitemoe") or len(moe_layers(cfg)) != cfg.num_hidden_layers:
+        raise ValueError(f"no dense twin for {cfg.model_type} with dense layers "
+                         f"{config_summary(cfg)['dense layers']}: every layer must be MoE with "
+                         "standard attention (Mixtral, OLMoE, Qwen-MoE, PhiMoE, GraniteMoE)")
+    width = _expert_width(cfg)
+    shared = getattr(cfg, "shared_expert_intermediate_size", 0) if shared_experts(cfg) else 0
+    return LlamaConfig(
+        hidden_size=cfg.hidden_size, intermediate_size=memory.experts_per_token(cfg) * width
+        + shared, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
 # ============================================================================== token labels
 
 TOKEN_CLASSES = ("keyword", "identifier", "punctuation", "whitespace", "number",
