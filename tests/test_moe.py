@@ -231,3 +231,33 @@ def test_which_tokens_go_where():
     assert table[2] == [(3, 1, 5, 0.2)]  # 9 is seen once: left out
     c = moe.token_expert_concentration(ids, top1, [7], 3)
     assert c == dict(count=5, expert=1, share=0.8, load=4 / 11)
+
+
+# ===================================================================================== plots
+
+
+@pytest.mark.parametrize("e", [8, 64])
+def test_routing_plots_draw_and_name_the_device(e):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from effarch import plots
+
+    rng = np.random.default_rng(0)
+    shares = rng.dirichlet(np.ones(e), size=4)                     # (D, E)
+    figs = [plots.expert_shares(shares, domains=data.DOMAINS, layer=1, device="cpu",
+                                pooled=shares.mean(0), highlight="code"),
+            plots.domain_expert_bars(shares[0], shares.mean(0), domain="code", layer=1,
+                                     device="cpu"),
+            plots.same_expert_rates(["a L0", "a L1"], [0.3, 0.4], [0.1, 0.2], [1 / e] * 2,
+                                    device="cpu"),
+            plots.token_experts(rng.integers(0, e, (3, 10)), list("abcdefghij"), n_experts=e,
+                                row_labels=["l0", "l1", "l2"], device="cpu", title="t")]
+    for fig in figs:
+        assert plots.device_name("cpu") in fig.axes[0].get_title()
+        plt.close(fig)
+    heat = figs[0].axes[0]
+    assert [t.get_text() for t in heat.get_yticklabels()] == [*data.DOMAINS, "all"]
+    assert (len(heat.texts) > 0) == (e <= 16)  # shares written in the cells when they fit
