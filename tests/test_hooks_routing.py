@@ -220,3 +220,11 @@ def test_trace_tokens_drop_padding_across_calls():
     assert torch.equal(index[:int(mask.sum())], first.topk_index[first.token_mask])
     with pytest.raises(KeyError, match="not an MoE layer"):
         trace.tokens(99)
+
+
+def test_experts_called_without_routing_get_a_clear_error():
+    model = _build("mixtral")
+    _, _, experts = hooks.find_moe_blocks(model)[0]
+    with pytest.raises(RuntimeError, match="without .*Routing capture"), \
+            hooks.capture_routing(model):
+        experts(torch.randn(3, 64), torch.rand(3, 2))  # no integer index

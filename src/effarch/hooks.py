@@ -370,8 +370,13 @@ def _router_logits(output, weights: torch.Tensor, n: int, tokens: int):
 
 def _on_experts(state: _RoutingState, layer: int, n: int, module, args, kwargs):
     tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    index = next(t for t in tensors if not t.is_floating_point())
-    weights = next(t for t in tensors if t.is_floating_point() and t.shape == index.shape)
+    index = next((t for t in tensors if not t.is_floating_point()), None)
+    weights = next((t for t in tensors if index is not None and t.is_floating_point()
+                    and t.shape == index.shape), None)
+    if weights is None:
+        raise RuntimeError(f"capture_routing: the experts of layer {layer} were called without "
+                           f"(top_k_index, top_k_weights) ({[tuple(t.shape) for t in tensors]}). "
+                           f"{TROUBLE} 'Routing capture'.")
     pending = state.pending.pop(layer, {})
     if state.call < 0 or layer in state.seen:  # called without going through the model's top
         state.new_call(None)
