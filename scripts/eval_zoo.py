@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import io
 import json
-import keyword
 import lzma
 import platform
 import time
-import tokenize
 import warnings
 from datetime import date
 from pathlib import Path
@@ -44,147 +41,12 @@ import torch
 import transformers
 
 from effarch import backends, data, memory, models, paths, quality, registry, zoo
+from effarch.moe import TOKEN_CLASSES as CLASSES
+from effarch.moe import char_labels, mutual_information, n_experts, routing_report, token_labels
 
-CLASSES = ("keyword", "identifier", "punctuation", "whitespace", "number", "string/comment",
-           "prose word")
 PROMPTS = {"code": "def read_config(path):\n    \"\"\"Return the settings in ",
            "prose": "The module provides functions for"}
 LOAD_LIMIT_S = 5.0
-
-
-# --- token classes --------------------------------------------------------------------------
-
-
-def _rule_class(ch: str) -> int:
-    if ch.isspace():
-        return CLASSES.index("whitespace")
-    if ch.isdigit():
-        return CLASSES.index("number")
-    if ch.isalpha() or ch == "_":
-        return CLASSES.index("prose word")
-    return CLASSES.index("punctuation")
-
-
-def _code_classes(text: str) -> np.ndarray:
-    """One class per character of a Python file, from the ``tokenize`` module; whitespace
-    between tokens (indentation included) is whitespace. Where tokenize gives up (a syntax
-    error), the rest of the file falls back to the character rules."""
-    labels = np.full(len(text), CLASSES.index("whitespace"), dtype=np.int8)
-    lines = io.StringIO(text).readlines()  # split as tokenize reads: on "\n" only
-    line_starts = np.concatenate([[0], np.cumsum([len(x) for x in lines])]).astype(int)
-    kinds = {tokenize.NUMBER: "number", tokenize.OP: "punctuation",
-             tokenize.STRING: "string/comment", tokenize.COMMENT: "string/comment"}
-    for name in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END"):
-        if hasattr(tokenize, name):
-            kinds[getattr(tokenize, name)] = "string/comment"
-    done = 0
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            if tok.type == tokenize.NAME:
-                cls = "keyword" if (keyword.iskeyword(tok.string)
-                                    or keyword.issoftkeyword(tok.string)) else "identifier"
-            elif tok.type in kinds:
-                cls = kinds[tok.type]
-            else:  # NEWLINE, NL, INDENT, DEDENT, ENDMARKER, ERRORTOKEN
-                cls = "whitespace" if not tok.string.strip() else "punctuation"
-            a = int(line_starts[tok.start[0] - 1]) + tok.start[1]
-            b = int(line_starts[tok.end[0] - 1]) + tok.end[1]
-            labels[a:b] = CLASSES.index(cls)
-            done = max(done, b)
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        labels[done:] = [_rule_class(c) for c in text[done:]]
-    return labels
-
-
-def char_labels(docs) -> tuple[np.ndarray, np.ndarray]:
-    """Class and domain index of every character of ``DOC_SEPARATOR.join(docs)``: code by
-    ``tokenize``, the other domains (prose, arithmetic, structured) by character rules."""
-    classes, domains = [], []
-    sep = np.array([_rule_class(c) for c in data.DOC_SEPARATOR], dtype=np.int8)
-    for i, d in enumerate(docs):
-        if i:
-            classes.append(sep)
-            domains.append(np.full(len(sep), data.DOMAINS.index(d.domain), dtype=np.int8))
-        lab = (_code_classes(d.text) if d.domain == "code"
-               else np.array([_rule_class(c) for c in d.text], dtype=np.int8))
-        classes.append(lab)
-        domains.append(np.full(len(d.text), data.DOMAINS.index(d.domain), dtype=np.int8))
-    return np.concatenate(classes), np.concatenate(domains)
-
-
-def token_labels(tokenizer, text: str, char_cls: np.ndarray, char_dom: np.ndarray):
-    """Class of each token of ``text`` = class of its first non-whitespace character (all
-    whitespace: whitespace); domain = that of its first character. Token order matches
-    ``tz.text_ids`` without its leading <|endoftext|>."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ws = CLASSES.index("whitespace")
-    cls, dom = [], []
-    for a, b in enc["offset_mapping"]:
-        span = char_cls[a:b]
-        solid = [c for ch, c in zip(text[a:b], span, strict=True) if not ch.isspace()]
-        cls.append(solid[0] if solid else ws)
-        dom.append(char_dom[a] if b > a else char_dom[max(a - 1, 0)])
-    return np.array(cls, dtype=np.int64), np.array(dom, dtype=np.int64)
-
-
-# --- routing statistics ---------------------------------------------------------------------
-
-
-def mutual_information(x: np.ndarray, y: np.ndarray, nx: int, ny: int) -> float:
-    """I(X; Y) in bits from paired samples (plug-in estimate over the joint histogram)."""
-    joint = np.bincount(x * ny + y, minlength=nx * ny).reshape(nx, ny) / len(x)
-    px, py = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    return float((joint[nz] * np.log2(joint[nz] / (px @ py)[nz])).sum())
-
-
-def mi_with_baseline(expert: np.ndarray, label: np.ndarray, n_experts: int, n_labels: int,
-                     n_perm: int, seed: int = 0) -> dict:
-    """MI(top-1 expert; label) and the same with the labels shuffled ``n_perm`` times: what
-    chance alone gives with this many tokens (the plug-in estimate is biased upwards)."""
-    rng = np.random.default_rng(seed)
-    mi = mutual_information(expert, label, n_experts, n_labels)
-    perm = np.array([mutual_information(expert, rng.permutation(label), n_experts, n_labels)
-                     for _ in range(n_perm)])
-    return dict(mi_bits=mi, perm_mean=float(perm.mean()), perm_p99=float(np.quantile(perm, 0.99)),
-                n_perm=n_perm, tokens=len(label))
-
-
-def moe_layers(cfg) -> list[int]:
-    """Indices of the layers whose feed-forward part is a mixture of experts."""
-    if cfg.model_type == "jamba":
-        return [i for i, n in enumerate(cfg.layers_num_experts) if n > 1]
-    return list(range(cfg.num_hidden_layers))
-
-
-def n_experts(cfg) -> int:
-    return getattr(cfg, "num_local_experts", None) or cfg.num_experts
-
-
-def routing_report(cfg, routes: list[np.ndarray], cls: np.ndarray, dom: np.ndarray,
-                   n_perm: int) -> list[dict]:
-    """Per MoE layer: expert load (share of top-k assignments) and MI with class and domain.
-    ``routes``: (n, k) per layer for input positions 0..n-1 (position 0: <|endoftext|>)."""
-    e = n_experts(cfg)
-    rows = []
-    for layer, top in zip(moe_layers(cfg), routes, strict=True):
-        load = np.bincount(top.reshape(-1), minlength=e) / top.size
-        top1 = top[1:, 0].astype(np.int64)  # drop the <|endoftext|> at position 0
-        m = min(len(top1), len(cls))
-        rows.append(dict(
-            layer=layer, load=load.tolist(),
-            starved=[i for i, s in enumerate(load) if s < 0.25 / e],
-            mi_class=mi_with_baseline(top1[:m], cls[:m], e, len(CLASSES), n_perm, seed=layer),
-            mi_domain=mi_with_baseline(top1[:m], dom[:m], e, len(data.DOMAINS), n_perm,
-                                       seed=100 + layer),
-            class_entropy_bits=entropy_bits(cls[:m]), domain_entropy_bits=entropy_bits(dom[:m])))
-    return rows
-
-
-def entropy_bits(labels: np.ndarray) -> float:
-    p = np.bincount(labels) / len(labels)
-    p = p[p > 0]
-    return float(-(p * np.log2(p)).sum())
 
 
 # --- one model ------------------------------------------------------------------------------

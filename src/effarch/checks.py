@@ -518,3 +518,175 @@ def _diff_sequence(actual: Any, expected: Any, tol: tuple, path: str) -> list[st
         return _at(path, f"got {len(actual)} item(s), expected {len(expected)}")
     pairs = enumerate(zip(actual, expected, strict=True))
     return _diff_items(((f"{path}[{i}]", a, e) for i, (a, e) in pairs), tol)
+
+
+# ------------------------------------------------------------ lab 2.4.3: MoE exploration
+# Checks that know the likely mistakes: each ❌ names the cause when the answer matches one.
+
+_COUNT_FAMILIES = (("qwen2_moe", {}), ("deepseek_v2", {}), ("olmoe", {"tie_word_embeddings": True}),
+                   ("jamba", {}))  # shared experts and a gate, dense layers, a tied head, a hybrid
+
+
+def _count_diagnosis(actual, pc) -> list[str]:
+    """Why (total, active) differs from the ParamCount ``pc``: the likely cause, when the answer
+    equals what that mistake gives."""
+    if not (isinstance(actual, (tuple, list)) and len(actual) == 2
+            and all(isinstance(_as_scalar(x), numbers.Integral) for x in actual)):
+        return [f"expected (total, active) as two integers, got {_describe(actual)}"]
+    total, active = (int(_as_scalar(x)) for x in actual)
+    if (total, active) == (pc.total, pc.active):
+        return []
+    k, one = pc.experts_per_token, pc.per_expert * pc.moe_layers
+    causes = [
+        (pc.lm_head == 0 and total == pc.total + pc.embedding,
+         "the LM head is tied to the embedding (one tensor): count it once "
+         "(model.parameters() yields a shared tensor once; state_dict() lists it twice)"),
+        (total != pc.total, "count every parameter once: sum(p.numel() for p in "
+                            "model.parameters())"),
+        (active == pc.total, "every routed expert counted as active: a token uses only the "
+                             f"k = {k} its router picks in each MoE layer"),
+        (k > 1 and active == pc.active - (k - 1) * one,
+         f"one routed expert per token counted active; this model sends each token to k = {k} "
+         "(config.num_experts_per_tok) in every MoE layer"),
+        (pc.shared_experts and active == pc.active - pc.shared_experts,
+         "the shared experts are missing: every token goes through them (and Qwen2-MoE's "
+         "shared_expert_gate)"),
+        (active == pc.active - pc.router, "the routers are missing: every token goes through "
+                                          "the router of every MoE layer"),
+        (pc.dense_mlp and active == pc.active - pc.dense_mlp,
+         "the dense feed-forward layers are missing: layers that are not MoE keep a plain MLP"),
+        (active == pc.active - pc.embedding,
+         "the embedding table is left out: this check counts it as active, as Mixtral's and "
+         "OLMoE's published figures do"),
+        (pc.lm_head == 0 and active == pc.active + pc.embedding,
+         "the tied LM head is counted twice in the active count"),
+        (active != pc.active, "active differs: every parameter, less (E - k)/E of each MoE "
+                              "layer's routed experts"),
+    ]
+    cause = next((text for hit, text in causes if hit), None)
+    if cause is None:
+        return []
+    return [f"got total {total:,}, active {active:,}; expected total {pc.total:,}, active "
+            f"{pc.active:,}", f"likely cause: {cause}",
+            f"(this model: E = {pc.n_experts}, k = {k}, {pc.moe_layers} MoE layers, "
+            f"{pc.per_expert:,} parameters per routed expert, shared experts {pc.shared_experts:,},"
+            f" routers {pc.router:,}, dense MLPs {pc.dense_mlp:,}, head "
+            f"{'tied' if pc.lm_head == 0 else f'{pc.lm_head:,}'})"]
+
+
+def family_models(families=_COUNT_FAMILIES) -> list:
+    """Small random models (CPU, float32) of MoE families whose counts trip common mistakes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from effarch import moe
+
+    torch.manual_seed(0)
+    return [AutoModelForCausalLM.from_config(moe.small_config(f, **kw), dtype=torch.float32)
+            for f, kw in families]
+
+
+def check_param_count(student_fn: Callable, models: Iterable = (), *,
+                      name: str = "count_total_and_active") -> Callable:
+    """Check ``student_fn(model) -> (total, active)`` against ``effarch.moe.count_params`` on
+    ``models`` and on small random models of families with shared experts, dense layers, a tied
+    head and a hybrid (:func:`family_models`). A ❌ names the likely cause (a tied head counted
+    twice, one expert active for top-k, shared experts or routers left out, ...). Returns
+    ``student_fn`` if every case passes, else a function giving effarch's (total, active)."""
+    from effarch import moe
+
+    counts: dict[tuple[int, int], Any] = {}
+
+    def reference(model):
+        pc = moe.count_params(model)
+        counts[(pc.total, pc.active)] = pc
+        return pc.total, pc.active
+
+    def compare(actual, expected):
+        return "\n".join(_count_diagnosis(actual, counts[expected])) or None
+
+    cases = [*models, *family_models()]
+    return check_function(student_fn, reference, cases=cases, name=name, compare=compare)
+
+
+def _rate_without_boundaries(top1, doc, n_experts):
+    import numpy as np
+
+    top1 = np.asarray(top1)
+    return float((top1[1:] == top1[:-1]).mean())
+
+
+def _same_expert_diagnosis(actual, expected, case) -> list[str]:
+    import numpy as np
+
+    from effarch import moe
+
+    if not (isinstance(actual, (tuple, list)) and len(actual) == 2):
+        return [f"expected (rate, chance) as two numbers, got {_describe(actual)}"]
+    rate, chance = (float(_as_scalar(x)) for x in actual)
+    top1, doc, n = (np.asarray(case[0]), np.asarray(case[1]), case[2])
+    close = lambda a, b: abs(a - b) <= 1e-12 + 1e-9 * abs(b)  # noqa: E731
+    if close(rate, expected[0]) and close(chance, expected[1]):
+        return []
+    load = moe.expert_load(top1, n)
+    ref = moe.same_expert_rate(top1, doc, n)
+    same = (top1[1:] == top1[:-1])[doc[1:] == doc[:-1]]
+    causes = [
+        (close(chance, 1 / n), "chance as 1/E assumes every expert gets the same share; two "
+                               "independent tokens pick the same expert with probability "
+                               "Σ loadᵢ² of the measured first-choice load"),
+        (close(chance, float((load ** 2).mean())), "the mean of loadᵢ²: the chance is the sum"),
+        (close(chance, float(load.max())), "the largest load: the chance is Σ loadᵢ²"),
+        (not close(chance, ref.chance), "chance should be Σ loadᵢ², load = the share of first "
+                                        "choices each expert gets over these tokens"),
+        (close(rate, _rate_without_boundaries(top1, doc, n)),
+         "pairs across a document boundary counted: the last token of one document and the "
+         "first of the next are not consecutive"),
+        (close(rate, float(same.sum()) / len(top1)), "divided by the tokens; divide by the "
+                                                     "pairs (consecutive tokens in one document)"),
+        (not close(rate, ref.rate), "rate: share of consecutive pairs, inside one document, "
+                                    "whose first choices agree"),
+    ]
+    cause = next((text for hit, text in causes if hit), None)
+    if cause is None:
+        return []
+    return [f"got rate {rate:.6g}, chance {chance:.6g}; expected {expected[0]:.6g}, "
+            f"{expected[1]:.6g}", f"likely cause: {cause}"]
+
+
+def same_expert_cases() -> list[tuple]:
+    """(top1, doc, E) cases with an uneven load (chance ≠ 1/E) and document boundaries whose
+    neighbours agree (so counting across them changes the rate)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for n_tokens, n_docs, e in ((400, 5, 8), (97, 1, 4), (1000, 12, 16)):
+        p = rng.dirichlet(np.full(e, 0.7))
+        top1 = rng.choice(e, size=n_tokens, p=p)
+        top1[1:] = np.where(rng.random(n_tokens - 1) < 0.3, top1[:-1], top1[1:])  # some runs
+        doc = np.sort(rng.integers(0, n_docs, n_tokens))
+        starts = np.flatnonzero(np.diff(doc)) + 1
+        top1[starts] = top1[starts - 1]  # neighbours across boundaries agree
+        cases.append((top1, doc, e))
+    return cases
+
+
+def check_same_expert_rate(student_fn: Callable, *, name: str = "same_expert_rate") -> Callable:
+    """Check ``student_fn(top1, doc, n_experts) -> (rate, chance)`` against
+    ``effarch.moe.same_expert_rate`` on :func:`same_expert_cases`. A ❌ names the likely cause
+    (a chance of 1/E, pairs across documents, dividing by tokens, ...)."""
+    from effarch import moe
+
+    cases = same_expert_cases()
+    by_value: dict[tuple[float, float], tuple] = {}
+
+    def reference(top1, doc, n_experts):
+        r = moe.same_expert_rate(top1, doc, n_experts)
+        by_value[(r.rate, r.chance)] = (top1, doc, n_experts)
+        return r.rate, r.chance
+
+    def compare(actual, expected):
+        return "\n".join(_same_expert_diagnosis(actual, expected, by_value[expected])) or None
+
+    return check_function(student_fn, reference, cases=cases, name=name, compare=compare)

@@ -173,3 +173,219 @@ def capture_ssm(model: torch.nn.Module, layers=None):
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ======================================================== routing (every MoE family)
+#
+# A mixture-of-experts block in transformers 5 holds a router and one experts module whose
+# weights are fused 3-D parameters (E, ·, ·); the block calls the router, then
+# ``experts(hidden (T, H), top_k_index (T, k), top_k_weights (T, k))``. What multiplied the
+# experts' outputs is therefore exactly what the experts module receives: a pre-hook there reads
+# it, after whatever renormalisation or scaling the family applied (Mixtral renormalises,
+# DeepSeek scales by routed_scaling_factor, GraniteMoE softmaxes over the k, ...). The logits
+# come from a hook on the router, found by what it is: the block's other child with a weight of
+# E rows (Qwen2-MoE's shared_expert_gate has one row and is not a router). Nothing is found by
+# name, and nothing is recomputed.
+
+__all__ += ["RoutingRecord", "RoutingTrace", "capture_routing", "find_moe_blocks"]
+
+TROUBLE = "See TROUBLESHOOTING.md, section"
+
+
+@dataclass
+class RoutingRecord:
+    """One MoE layer in one forward call; tensors detached, on CPU.
+
+    T = batch × sequence of this call, flattened in the model's order (padding included).
+    """
+
+    layer: int                  # the decoder layer's index in the model
+    call: int                   # the forward call's index, from 0 (generate: one per step)
+    logits: torch.Tensor        # (T, E) float32 router logits
+    topk_index: torch.Tensor    # (T, k) int64 experts chosen
+    topk_weight: torch.Tensor   # (T, k) float32 weights that multiplied the experts' outputs
+    shape: tuple[int, int]      # (batch, sequence) of this call
+    attention_mask: torch.Tensor | None = None  # (batch, length so far) as given to the call
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """(T,) bool: True for real tokens (all of them without a mask). The mask's last
+        ``sequence`` columns are this call's tokens (decode steps pass the whole mask)."""
+        batch, length = self.shape
+        if self.attention_mask is None or self.attention_mask.dim() != 2:
+            return torch.ones(batch * length, dtype=torch.bool)
+        return self.attention_mask[:, -length:].reshape(-1).bool()
+
+
+class RoutingTrace(list):
+    """The :class:`RoutingRecord` s of a ``capture_routing`` block, in the order they ran."""
+
+    def __init__(self, layers: list[int]) -> None:
+        super().__init__()
+        self.moe_layers = layers  # decoder-layer indices of the MoE layers found
+
+    @property
+    def calls(self) -> int:
+        return 1 + max((r.call for r in self), default=-1)
+
+    def get(self, layer: int, call: int = 0) -> RoutingRecord:
+        """The record of one layer in one call."""
+        for r in self:
+            if r.layer == layer and r.call == call:
+                return r
+        raise KeyError(f"no record for layer {layer}, call {call}; MoE layers: "
+                       f"{self.moe_layers}, calls recorded: {self.calls}")
+
+    def tokens(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer over every call, real tokens only (padding dropped), in call order:
+        ``topk_index`` (N, k), ``topk_weight`` (N, k), ``logits`` (N, E)."""
+        records = [r for r in self if r.layer == layer]
+        if not records:
+            raise KeyError(f"layer {layer} is not an MoE layer recorded here; these are: "
+                           f"{self.moe_layers}")
+        keep = [r.token_mask for r in records]
+        return tuple(torch.cat([getattr(r, f)[m] for r, m in zip(records, keep, strict=True)])
+                     for f in ("topk_index", "topk_weight", "logits"))
+
+
+def _experts_size(module: torch.nn.Module) -> int:
+    """E when ``module`` holds fused expert weights: two or more direct 3-D parameters with the
+    same leading size E > 1 (a convolution's 3-D weight is not that); else 0."""
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return 0
+    sizes = [p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3]
+    return sizes[0] if len(sizes) >= 2 and len(set(sizes)) == 1 and sizes[0] > 1 else 0
+
+
+def _router_of(block: torch.nn.Module, experts: torch.nn.Module, n: int):
+    """The block's child whose own 2-D weight has ``n`` rows (H → E), other than the experts."""
+    for child in block.children():
+        w = dict(child.named_parameters(recurse=False)).get("weight")
+        if child is not experts and w is not None and w.dim() == 2 and w.shape[0] == n:
+            return child
+    return None
+
+
+def _layer_index(model: torch.nn.Module) -> dict[int, int]:
+    """id(module) → index of the decoder layer containing it (the longest ModuleList)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return {}
+    layers = max(lists, key=len)
+    return {id(sub): i for i, layer in enumerate(layers) for sub in layer.modules()}
+
+
+def find_moe_blocks(model: torch.nn.Module) -> dict[int, tuple]:
+    """``{decoder-layer index: (block, router, experts)}`` for every MoE block in ``model``,
+    found by structure (fused 3-D expert weights beside a router of E outputs), not by name."""
+    where, found = _layer_index(model), {}
+    for block in model.modules():
+        for experts in block.children():
+            n = _experts_size(experts)
+            router = _router_of(block, experts, n) if n else None
+            if router is not None:
+                found[where.get(id(block), len(found))] = (block, router, experts)
+    return dict(sorted(found.items()))
+
+
+class _RoutingState:
+    """What the hooks share while a capture runs."""
+
+    def __init__(self, trace: RoutingTrace) -> None:
+        self.trace, self.call, self.mask, self.pending = trace, -1, None, {}
+        self.seen: set[int] = set()  # layers recorded in the current call
+
+    def new_call(self, mask) -> None:
+        self.call, self.seen = self.call + 1, set()
+        self.mask = mask.detach().to("cpu") if isinstance(mask, torch.Tensor) else None
+
+
+def _on_model(state: _RoutingState, module, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        mask = args[1]  # forward(input_ids, attention_mask, ...)
+    state.new_call(mask)
+
+
+def _on_block(state: _RoutingState, layer: int, module, args, kwargs):
+    hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    state.pending[layer] = {"shape": tuple(hidden.shape[:-1])}
+
+
+def _on_router(state: _RoutingState, layer: int, module, args, output):
+    state.pending.setdefault(layer, {})["router"] = output
+
+
+def _router_logits(output, weights: torch.Tensor, n: int, tokens: int):
+    """The (T, E) logits among a router's outputs: a float tensor of E columns that is not the
+    weights handed to the experts (transformers 5.17's Jamba router returns the logits alone,
+    its GraniteMoE router returns (index, weights, logits), the others (logits, weights, index))."""
+    outputs = output if isinstance(output, (tuple, list)) else (output,)
+    for t in outputs:
+        if (isinstance(t, torch.Tensor) and t.is_floating_point() and t is not weights
+                and t.shape[-1] == n and t.numel() == tokens * n):
+            return t.reshape(tokens, n)
+    raise RuntimeError(f"capture_routing: the router returned no (T, {n}) logits "
+                       f"({[getattr(t, 'shape', type(t)) for t in outputs]}). {TROUBLE} "
+                       "'Routing capture'.")
+
+
+def _on_experts(state: _RoutingState, layer: int, n: int, module, args, kwargs):
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    index = next((t for t in tensors if not t.is_floating_point()), None)
+    weights = next((t for t in tensors if index is not None and t.is_floating_point()
+                    and t.shape == index.shape), None)
+    if weights is None:
+        raise RuntimeError(f"capture_routing: the experts of layer {layer} were called without "
+                           f"(top_k_index, top_k_weights) ({[tuple(t.shape) for t in tensors]}). "
+                           f"{TROUBLE} 'Routing capture'.")
+    pending = state.pending.pop(layer, {})
+    if state.call < 0 or layer in state.seen:  # called without going through the model's top
+        state.new_call(None)
+    state.seen.add(layer)
+    tokens = index.shape[0]
+    shape = pending.get("shape", (1, tokens))
+    logits = _router_logits(pending.get("router"), weights, n, tokens)
+    state.trace.append(RoutingRecord(
+        layer=layer, call=state.call, logits=_cpu(logits),
+        topk_index=index.detach().to("cpu", torch.int64), topk_weight=_cpu(weights),
+        shape=shape if len(shape) == 2 else (1, tokens), attention_mask=state.mask))
+
+
+@contextlib.contextmanager
+def capture_routing(model: torch.nn.Module):
+    """Record every MoE layer's routing in every forward call made inside the block.
+
+    Works for Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, GraniteMoE and Jamba
+    (transformers 5.17 and 5.24), and the zoo's tiny-moe and tiny-hybrid. One
+    :class:`RoutingRecord` per MoE layer per call (``generate``: one per step); the hooks are
+    removed on exit, also after an exception.
+
+    Example::
+
+        with capture_routing(model) as trace, torch.no_grad():
+            model(input_ids, attention_mask=mask)
+        trace.get(layer=1).topk_index  # (b·l, k)
+    """
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise ValueError(
+            f"capture_routing: {type(model).__name__} has no mixture-of-experts layer (no "
+            "module holding fused expert weights (E, ·, ·) beside a router with E outputs). "
+            "Pass an MoE model (e.g. models.load_model('tiny-moe')). "
+            f"{TROUBLE} 'Routing capture'.")
+    state = _RoutingState(RoutingTrace(list(blocks)))
+    handles = [model.register_forward_pre_hook(partial(_on_model, state), with_kwargs=True)]
+    try:
+        for layer, (block, router, experts) in blocks.items():
+            n = _experts_size(experts)
+            handles += [
+                block.register_forward_pre_hook(partial(_on_block, state, layer),
+                                                with_kwargs=True),
+                router.register_forward_hook(partial(_on_router, state, layer)),
+                experts.register_forward_pre_hook(partial(_on_experts, state, layer, n),
+                                                  with_kwargs=True)]
+        yield state.trace
+    finally:
+        for handle in handles:
+            handle.remove()

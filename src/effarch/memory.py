@@ -100,6 +100,13 @@ def require(bytes_needed: float, *, device: str | None = None, what: str = "this
 
 
 # --- parameter counts from a config, part by part -----------------------------------------
+#
+# One formula per part of the network, so a count can be read and checked: tests compare every
+# family with a meta-device build (tests/test_memory.py, tests/test_moe.py), and lab 2.4.3 with
+# a count from the module tree. effarch.moe.count_params is the same function for a model.
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+                "phimoe", "granitemoe", "jamba")
 
 
 def _get(cfg, *names, default=None):
@@ -111,27 +118,32 @@ def _get(cfg, *names, default=None):
 
 
 def _attention_params(cfg) -> int:
+    """One attention block: projections, their biases and any q/k norms inside it."""
     h = cfg.hidden_size
     heads = cfg.num_attention_heads
+    mt = getattr(cfg, "model_type", "")
+    bias = bool(getattr(cfg, "attention_bias", False))
     if getattr(cfg, "kv_lora_rank", None):  # DeepSeek multi-head latent attention (V2 §2.1)
         qk_head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        q = (h * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * heads * qk_head
-             if cfg.q_lora_rank else h * heads * qk_head)
-        kv = (h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+        q = (h * cfg.q_lora_rank + cfg.q_lora_rank * bias + cfg.q_lora_rank  # + q_a_layernorm
+             + cfg.q_lora_rank * heads * qk_head if cfg.q_lora_rank else h * heads * qk_head)
+        kv_a = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        kv = (h * kv_a + kv_a * bias + cfg.kv_lora_rank  # + kv_a_layernorm
               + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
-        return q + kv + heads * cfg.v_head_dim * h
+        return q + kv + heads * cfg.v_head_dim * h + h * bias
     head_dim = _get(cfg, "head_dim", default=h // heads)
     kv_heads = _get(cfg, "num_key_value_heads", default=heads)
     qkv = h * head_dim * (heads + 2 * kv_heads)
     out = heads * head_dim * h
-    bias = getattr(cfg, "model_type", "") == "phi"  # Phi's q, k, v and dense carry biases
-    if getattr(cfg, "attention_bias", False) or bias:
+    if bias or mt == "phi":  # Phi's q, k, v and dense carry biases
         qkv += head_dim * (heads + 2 * kv_heads)
         out += h
-    elif getattr(cfg, "model_type", "") == "qwen2_moe":  # Qwen2 has q, k, v biases only
+    elif mt == "qwen2_moe":  # Qwen2 has q, k, v biases only
         qkv += head_dim * (heads + 2 * kv_heads)
-    if getattr(cfg, "model_type", "") == "olmoe":  # OLMoE normalises q and k (QK-norm)
+    if mt == "olmoe":  # OLMoE normalises q and k over all heads (QK-norm)
         qkv += heads * head_dim + kv_heads * head_dim
+    elif mt == "qwen3_moe":  # Qwen3 normalises each head of q and k (one norm of head_dim each)
+        qkv += 2 * head_dim
     return qkv + out
 
 
@@ -168,75 +180,133 @@ def _mamba_mixer_params(cfg, h: int) -> int:
 
 @dataclass(frozen=True)
 class ParamCount:
-    """Parameters of a config: ``total``; ``active`` = those one token uses (MoE: top-k experts)."""
+    """Parameters of a model, part by part: ``total``; ``active`` = those one token uses.
+
+    ``total = embedding + lm_head + attention + ssm + dense_mlp + routed_experts +
+    shared_experts + router + norms`` and ``active = total - routed_experts + active_experts``:
+    a token runs through ``experts_per_token`` of the ``n_experts`` routed experts of each of the
+    ``moe_layers`` MoE layers, and through everything else (shared experts and routers included).
+    The embedding table counts whole (the convention of Mixtral's and OLMoE's published figures).
+    """
 
     total: int
     active: int
-    embedding: int
+    embedding: int               # input embedding table (V, H)
+    lm_head: int = 0             # output projection; 0 when tied to the embedding (one tensor)
+    attention: int = 0           # attention blocks: projections, biases, q/k and latent norms
+    ssm: int = 0                 # Mamba mixers
+    dense_mlp: int = 0           # dense feed-forward layers
+    routed_experts: int = 0      # every routed expert of every MoE layer
+    active_experts: int = 0      # experts_per_token routed experts per MoE layer
+    shared_experts: int = 0      # always-on experts (Qwen2-MoE: with their sigmoid gate)
+    router: int = 0              # routers (H → E per MoE layer)
+    norms: int = 0               # the decoder layers' norms and the final norm
+    moe_layers: int = 0
+    n_experts: int = 0
+    experts_per_token: int = 0
+
+    @property
+    def per_expert(self) -> int:
+        """Parameters of one routed expert (0 without MoE layers)."""
+        return self.routed_experts // max(1, self.moe_layers * self.n_experts)
+
+
+_PARTS = ("attention", "ssm", "dense_mlp", "routed_experts", "active_experts", "shared_experts",
+          "router", "norms")
 
 
 def count_params(cfg) -> ParamCount:
-    """Total and per-token active parameters of a transformers config, by formula.
+    """Total and per-token active parameters of a transformers config, by formula, part by part.
 
-    Supports the course's families: Llama/Phi/GPT-NeoX-style transformers, Mamba, Mixtral,
-    OLMoE, Qwen2-MoE, DeepSeek-V2/V3 and Jamba.
+    Exact (tests: meta-device builds) for Llama-, Phi- and GPT-NeoX-style transformers, Mamba,
+    Jamba and the MoE families of ``MOE_FAMILIES``. A tied LM head is the embedding's tensor and
+    is counted once.
     """
     mt = getattr(cfg, "model_type", "")
     h, v = cfg.hidden_size, cfg.vocab_size
-    n_layers = cfg.num_hidden_layers
     emb = v * h
-    head = 0 if getattr(cfg, "tie_word_embeddings", False) else v * h + (v if mt == "phi" else 0)
-    norm = (2 if mt == "phi" else 1) * h  # final norm (Phi's LayerNorm has a bias)
-    total = active = emb + head + norm
-    for i in range(n_layers):
-        t, a = _layer_params(cfg, i)
-        total, active = total + t, active + a
-    return ParamCount(int(total), int(active), int(emb))
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    head_bias = v if mt == "phi" or getattr(cfg, "lm_head_bias", False) else 0
+    head = 0 if tied else v * h + head_bias
+    layernorm = mt in ("phi", "phimoe")  # LayerNorm with a bias, not RMSNorm
+    parts = dict.fromkeys(_PARTS, 0)
+    parts["norms"] = (2 if layernorm else 1) * h  # the final norm
+    for i in range(cfg.num_hidden_layers):
+        for key, n in _layer_parts(cfg, i).items():
+            parts[key] += n
+    total = emb + head + sum(n for k, n in parts.items() if k != "active_experts")
+    moe = [i for i in range(cfg.num_hidden_layers) if is_moe_layer(cfg, i)]
+    return ParamCount(int(total), int(total - parts["routed_experts"] + parts["active_experts"]),
+                      int(emb), lm_head=int(head), moe_layers=len(moe),
+                      n_experts=n_routed_experts(cfg) if moe else 0,
+                      experts_per_token=experts_per_token(cfg) if moe else 0,
+                      **{k: int(n) for k, n in parts.items()})
 
 
-def _layer_params(cfg, i: int) -> tuple[int, int]:
+def _layer_parts(cfg, i: int) -> dict[str, int]:
     mt = getattr(cfg, "model_type", "")
     h = cfg.hidden_size
     if mt in ("mamba", "falcon_mamba"):
-        p = _mamba_mixer_params(cfg, h) + h
-        return p, p
+        return {"ssm": _mamba_mixer_params(cfg, h), "norms": h}
     if mt == "phi":  # parallel attention + MLP with one LayerNorm (weight and bias)
-        p = _attention_params(cfg) + _mlp_params(h, cfg.intermediate_size, gated=False, bias=True) + 2 * h
-        return p, p
-    mixer = (_mamba_mixer_params(cfg, h) if mt == "jamba" and not _jamba_is_attention(cfg, i)
-             else _attention_params(cfg))
-    ffn_t, ffn_a = _ffn_params(cfg, i)
-    norms = 2 * h
-    return mixer + ffn_t + norms, mixer + ffn_a + norms
+        return {"attention": _attention_params(cfg), "norms": 2 * h,
+                "dense_mlp": _mlp_params(h, cfg.intermediate_size, gated=False, bias=True)}
+    parts = {"norms": (4 if mt == "phimoe" else 2) * h}
+    if mt == "jamba" and not _jamba_is_attention(cfg, i):
+        parts["ssm"] = _mamba_mixer_params(cfg, h)
+    else:
+        parts["attention"] = _attention_params(cfg)
+    parts.update(_ffn_parts(cfg, i))
+    return parts
 
 
 def _jamba_is_attention(cfg, i: int) -> bool:
     return i % cfg.attn_layer_period == cfg.attn_layer_offset
 
 
-def _ffn_params(cfg, i: int) -> tuple[int, int]:
-    """(total, active) parameters of layer i's feed-forward part: dense MLP or MoE block."""
+def n_routed_experts(cfg) -> int:
+    """Routed experts per MoE layer (0 for a dense model), whatever the config calls them."""
+    return int(_get(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0))
+
+
+def experts_per_token(cfg) -> int:
+    """Routed experts each token goes to, k (``num_experts_per_tok``; 0 for a dense model)."""
+    return int(_get(cfg, "num_experts_per_tok", default=0)) if n_routed_experts(cfg) else 0
+
+
+def is_moe_layer(cfg, i: int) -> bool:
+    """Whether decoder layer ``i``'s feed-forward part is a mixture of experts, by each family's
+    rule (Jamba: every ``expert_layer_period``-th; DeepSeek: after ``first_k_dense_replace``;
+    Qwen-MoE: ``decoder_sparse_step`` and ``mlp_only_layers``)."""
+    mt = getattr(cfg, "model_type", "")
+    if n_routed_experts(cfg) <= (1 if mt == "jamba" else 0) or mt in ("mamba", "falcon_mamba"):
+        return False
+    if mt == "jamba":
+        return i % cfg.expert_layer_period == cfg.expert_layer_offset
+    if mt in ("deepseek_v2", "deepseek_v3"):
+        return i >= cfg.first_k_dense_replace and i % getattr(cfg, "moe_layer_freq", 1) == 0
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        step = getattr(cfg, "decoder_sparse_step", 1) or 1
+        return i not in (getattr(cfg, "mlp_only_layers", None) or []) and (i + 1) % step == 0
+    return True
+
+
+def _ffn_parts(cfg, i: int) -> dict[str, int]:
+    """Layer i's feed-forward part: a dense MLP, or routed experts, router and shared experts."""
     mt = getattr(cfg, "model_type", "")
     h = cfg.hidden_size
-    n_exp = _get(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0)
-    k = _get(cfg, "num_experts_per_tok", default=0)
-    moe_layer = n_exp > 0
-    if mt == "jamba":
-        moe_layer = i % cfg.expert_layer_period == cfg.expert_layer_offset
-    if mt in ("deepseek_v2", "deepseek_v3"):
-        moe_layer = i >= cfg.first_k_dense_replace and i % getattr(cfg, "moe_layer_freq", 1) == 0
-    if not moe_layer:
-        p = _mlp_params(h, cfg.intermediate_size)
-        return p, p
-    inter = _get(cfg, "moe_intermediate_size", default=cfg.intermediate_size)
-    expert = _mlp_params(h, inter)
-    router = h * n_exp + (n_exp if mt == "deepseek_v3" else 0)  # V3: score correction bias
+    if not is_moe_layer(cfg, i):
+        return {"dense_mlp": _mlp_params(h, cfg.intermediate_size)}
+    n_exp, k = n_routed_experts(cfg), experts_per_token(cfg)
+    expert = _mlp_params(h, _get(cfg, "moe_intermediate_size", default=cfg.intermediate_size))
     shared = 0
-    if mt == "qwen2_moe":
-        shared = _mlp_params(h, cfg.shared_expert_intermediate_size) + h  # + gate (H → 1)
-    elif mt in ("deepseek_v2", "deepseek_v3"):
-        shared = _mlp_params(h, inter * (cfg.n_shared_experts or 0))
-    return n_exp * expert + router + shared, k * expert + router + shared
+    if mt == "qwen2_moe":  # one shared expert, scaled by a sigmoid gate (H → 1)
+        shared = _mlp_params(h, cfg.shared_expert_intermediate_size) + h
+    elif mt in ("deepseek_v2", "deepseek_v3"):  # n_shared_experts fused into one MLP
+        shared = _mlp_params(h, cfg.moe_intermediate_size * (cfg.n_shared_experts or 0))
+    # DeepSeek-V3's score-correction bias is a buffer in transformers, not a parameter
+    return {"routed_experts": n_exp * expert, "active_experts": k * expert,
+            "router": h * n_exp, "shared_experts": shared}
 
 
 def estimate_weights_bytes(name_or_config, dtype="bfloat16", quantization: str | None = None

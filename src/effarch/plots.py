@@ -186,3 +186,95 @@ def explore(fn: Callable, **controls) -> None:
     for control in panel.kwargs_widgets:
         control.observe(panel.update, names="value")
     display(panel)
+
+
+# --- lab 2.4.3: routing of a mixture of experts ----------------------------------------------
+
+
+def expert_shares(shares, *, domains: Sequence[str], layer: int, device: str, pooled=None,
+                  highlight: str | None = None, ax=None):
+    """Expert share per domain against the uniform share 1/E, as log2(share · E): 0 (white) is
+    uniform, +1 twice, -1 half (lab 2.4.3, Part C). ``shares``: (D, E) rows summing to 1;
+    ``pooled`` (E,) adds a row for all documents; ``highlight`` frames one domain's row."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    rows = np.asarray(shares, dtype=float)
+    labels = list(domains)
+    if pooled is not None:
+        rows, labels = np.vstack([rows, np.asarray(pooled, dtype=float)]), labels + ["all"]
+    e = rows.shape[1]
+    ratio = np.log2(np.clip(rows * e, 1 / 64, 64))
+    fig, ax = _figure(ax, size=(min(max(6.0, 0.35 * e + 2), 16), 0.5 * len(labels) + 2))
+    im = ax.imshow(ratio, cmap="RdBu_r", vmin=-2, vmax=2, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xticks(range(0, e, max(1, e // 16)))
+    if e <= 16:
+        for (i, j), s in np.ndenumerate(rows):
+            ax.text(j, i, f"{100 * s:.0f}", ha="center", va="center", fontsize=7)
+    if highlight in labels:
+        i = labels.index(highlight)
+        ax.add_patch(Rectangle((-0.5, i - 0.5), e, 1, fill=False, lw=2, color="black"))
+    ax.set_xlabel("expert" + (" (numbers: % of the row's assignments)" if e <= 16 else ""))
+    ax.set_title(f"Expert share ÷ uniform share 1/{e}, layer {layer} — {device_name(device)}")
+    fig.colorbar(im, ax=ax, label="log2(share · E): +1 = twice uniform")
+    return fig
+
+
+def domain_expert_bars(share, pooled, *, domain: str, layer: int, device: str, ax=None):
+    """One domain's expert shares beside all documents' and the uniform 1/E (lab 2.4.3)."""
+    import numpy as np
+
+    share, pooled = np.asarray(share, dtype=float), np.asarray(pooled, dtype=float)
+    e = len(share)
+    fig, ax = _figure(ax, size=(min(max(6.0, 0.3 * e + 2), 16), 3.5))
+    x = np.arange(e)
+    ax.bar(x - 0.2, share, width=0.4, label=domain)
+    ax.bar(x + 0.2, pooled, width=0.4, label="all documents", alpha=0.6)
+    ax.axhline(1 / e, color="black", linestyle="--", label=f"uniform 1/{e}")
+    ax.set_xticks(x[:: max(1, e // 16)])
+    return _label(fig, ax, "expert", "share of the top-k assignments",
+                  f"Expert shares, layer {layer}, {domain}", device)
+
+
+def same_expert_rates(labels: Sequence[str], rates, chances, uniform, *, device: str,
+                      title: str = "Consecutive tokens keeping their first-choice expert",
+                      ax=None):
+    """Measured same-expert rate of consecutive tokens per layer, against Σ loadᵢ² (chance under
+    the measured load) and 1/E (chance under an even load) (lab 2.4.3, Part D)."""
+    import numpy as np
+
+    x = np.arange(len(labels))
+    fig, ax = _figure(ax, size=(max(6.0, 0.7 * len(labels) + 2), 3.8))
+    ax.bar(x - 0.2, rates, width=0.4, label="measured")
+    ax.bar(x + 0.2, chances, width=0.4, label="chance: Σ loadᵢ² (measured load)")
+    ax.scatter(x, uniform, marker="_", s=400, color="black", label="1/E (even load)", zorder=3)
+    ax.set_xticks(x, labels, rotation=30 if len(labels) > 6 else 0, ha="right"
+                  if len(labels) > 6 else "center")
+    ax.set_ylim(0, 1)
+    return _label(fig, ax, "MoE layer", "share of consecutive pairs", title, device)
+
+
+def token_experts(experts, tokens: Sequence[str], *, n_experts: int, row_labels: Sequence[str],
+                  device: str, title: str, ax=None):
+    """First-choice expert of every token (columns) in every MoE layer (rows), one colour per
+    expert (lab 2.4.3, Part D). ``experts``: (layers, tokens) ints."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    values = np.asarray(experts)
+    base = matplotlib.colormaps["tab20" if n_experts <= 20 else "nipy_spectral"]
+    cmap = ListedColormap([base(i / max(1, n_experts - 1)) if n_experts > 20 else base(i)
+                           for i in range(n_experts)])
+    width = min(max(6.0, 0.18 * len(tokens)), 24.0)
+    fig, ax = _figure(ax, size=(width, 0.45 * len(row_labels) + 2.2))
+    im = ax.imshow(values, cmap=cmap, vmin=-0.5, vmax=n_experts - 0.5, aspect="auto",
+                   interpolation="nearest")
+    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7, family="monospace")
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set_xlabel("token")
+    ax.set_title(f"{title} — {device_name(device)}")
+    fig.colorbar(im, ax=ax, label="first-choice expert",
+                 ticks=range(0, n_experts, max(1, n_experts // 16)))
+    return fig
