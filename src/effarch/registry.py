@@ -90,7 +90,7 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
                           num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
                           max_position_embeddings=4096, rope_theta=10000.0,
                           tie_word_embeddings=False, pad_token_id=1, eos_token_id=50279),
-              published_params=6.92e9, published_active=1.28e9),
+              published_params=6.9e9, published_active=1.3e9),
     ModelSpec("mixtral-8x7b", "moe", "mistralai/Mixtral-8x7B-v0.1", family="mixtral",
               config=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                           num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
