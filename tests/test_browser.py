@@ -331,6 +331,7 @@ def test_lab_runs_in_a_browser(lab: Path, jupyter, browser, screenshots):
         page.goto(f"{url}/lab/tree/{lab.name}?token={token}&reset")
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
         page.wait_for_function(KERNEL_IDLE, timeout=120_000)
+        page.keyboard.press("Control+b")  # hide the file browser: the notebook gets the width
         _run_all(page)
         ran = time.monotonic() - started
         outputs = page.evaluate(OUTPUTS)

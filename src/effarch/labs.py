@@ -52,7 +52,8 @@ TRANSIENT_CELL_METADATA = ("execution", "ExecuteTime", "collapsed", "scrolled")
 CELL_CONTENT = ("cell_type", "source", "outputs", "execution_count", "attachments")
 MY_LABS = "my-labs"
 MANIFEST = ".effarch-copies.json"
-TROUBLE = "See TROUBLESHOOTING.md, section '{}'."
+SEE_CHANGES = "See TROUBLESHOOTING.md, section 'Your changes to a lab'."
+SEE_STARTING = "See TROUBLESHOOTING.md, section 'Starting JupyterLab'."
 
 
 class MarkerError(ValueError):
@@ -296,7 +297,7 @@ def _held_message(labs_dir: Path, held: dict[str, str]) -> str:
             "(nothing was written):\n  " + "\n  ".join(lines) + "\nKeep that work elsewhere "
             f"(students: `make lab` gives you copies in {MY_LABS}/; copy a notebook there), then "
             f"restore the lab (`git checkout -- {labs_dir.name}/<file>`, or delete it) and build "
-            "again. " + TROUBLE.format("Your changes to a lab"))
+            "again. " + SEE_CHANGES)
 
 
 def _extra_labs(labs_dir: Path, wanted: set[str]) -> list[tuple[Path, bool]]:
@@ -417,7 +418,7 @@ def jupyter_args(extra: Sequence[str], *, port: int, root_dir: Path,
         if key.startswith("--") and key.endswith(".token") and value in ("", "''", '""'):
             raise ValueError(f"{arg}: the course never starts JupyterLab without a token "
                              "(anyone who reaches the port could run code as you). "
-                             + TROUBLE.format("Starting JupyterLab"))
+                             + SEE_STARTING)
     args = [f"--ServerApp.root_dir={root_dir}"]
     if not any(a.split("=")[0] in ("--port", "--ServerApp.port") for a in extra):
         args.append(f"--port={port}")
@@ -469,7 +470,7 @@ def _exec_jupyter(lab_args: list[str]) -> int:
     if importlib.util.find_spec("jupyterlab") is None:
         print("error: JupyterLab is not installed in this environment. Install the lab extra: "
               "`pip install -e '.[lab]'` (`make lab` does). "
-              + TROUBLE.format("Starting JupyterLab"), file=sys.stderr)
+              + SEE_STARTING, file=sys.stderr)
         return 2
     if ip := _listens_beyond_loopback(lab_args):
         print(f"note: JupyterLab will listen on {ip}, beyond this machine's loopback; inside a "
