@@ -131,7 +131,10 @@ def jupyter(tmp_path_factory):
     for path in LABS:
         shutil.copy(path, root / path.name)
     _lab_settings(base / "settings")
-    env = dict(os.environ, **testing.notebook_env(ROOT / "labs" / "lab.ipynb"),
+    # one torch thread unless told otherwise: on a shared 2-core machine a kernel's two threads
+    # were seen still running lab 2.4.1 after 8 min, where one thread took under 2
+    env = dict({"OMP_NUM_THREADS": "1"}, **os.environ)
+    env = dict(env, **testing.notebook_env(ROOT / "labs" / "lab.ipynb"),
                JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTER_RUNTIME_DIR=str(base / "run"),
                JUPYTERLAB_SETTINGS_DIR=str(base / "settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"))

@@ -227,7 +227,8 @@ def lab_changes(path: Path, replacement: bytes | None = None) -> str | None:
     new = _read_json(replacement) if replacement is not None else None
     if new is not None and digest == cells_digest(new):
         return None
-    recorded = (nb.get("metadata") or {}).get("effarch", {}).get("cells_sha256")
+    record = (nb.get("metadata") or {}).get("effarch")
+    recorded = record.get("cells_sha256") if isinstance(record, dict) else None
     if recorded is None:
         committed = _read_json(_committed(path) or b"")
         if committed is not None and cells_digest(committed) == digest:
