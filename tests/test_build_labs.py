@@ -1,30 +1,25 @@
-"""scripts/build_labs.py: solution regions become stubs, labs are deterministic, --check works."""
+"""effarch.labs, solutions → labs (scripts/build_labs.py is its command line): solution regions
+become stubs, labs are deterministic, --check works, and a lab holding changes is never
+overwritten. The students' copies (my-labs/) are tested in test_labs.py."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from effarch import checks
+from effarch import labs as build_labs
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SOLUTION = FIXTURES / "solutions" / "lab-2.4.9-fixture-solution.ipynb"
 LAB = "lab-2.4.9-fixture.ipynb"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("build_labs", ROOT / "scripts" / "build_labs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_labs = _load_script()
 STUB = build_labs.STUB
 
 
@@ -45,8 +40,11 @@ def repo(tmp_path: Path) -> tuple[Path, Path]:
     return solutions, labs
 
 
-def _cli(solutions: Path, labs: Path, *extra: str) -> int:
-    return build_labs.main(["--solutions", str(solutions), "--labs", str(labs), *extra])
+def _cli(solutions: Path, labs: Path, *extra: str) -> subprocess.CompletedProcess:
+    """scripts/build_labs.py as a program, the way make and maintainers run it."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "build_labs.py"),
+                           "--solutions", str(solutions), "--labs", str(labs), *extra],
+                          capture_output=True, text=True)
 
 
 def _code(nb: nbformat.NotebookNode, needle: str) -> str:
@@ -147,18 +145,18 @@ def test_unsolved_lab_reports_skip_and_solution_passes_strict(lab, monkeypatch, 
 # ---------------------------------------------------------------------- build_all and CLI
 
 
-def test_check_then_build_then_check(repo, capsys):
+def test_check_then_build_then_check(repo):
     solutions, labs = repo
-    assert _cli(solutions, labs, "--check") == 1
-    assert f"missing: labs/{LAB}" in capsys.readouterr().out
+    r = _cli(solutions, labs, "--check")
+    assert r.returncode == 1 and f"missing: labs/{LAB}" in r.stdout
     assert not labs.exists()  # --check writes nothing
-    assert _cli(solutions, labs) == 0
-    assert f"wrote labs/{LAB}" in capsys.readouterr().out
-    assert _cli(solutions, labs, "--check") == 0
-    assert "1 lab(s) up to date" in capsys.readouterr().out
+    r = _cli(solutions, labs)
+    assert r.returncode == 0 and f"wrote labs/{LAB}" in r.stdout
+    r = _cli(solutions, labs, "--check")
+    assert r.returncode == 0 and "1 lab(s) up to date" in r.stdout
 
 
-def test_check_detects_a_stale_lab(repo, capsys):
+def test_check_detects_a_stale_lab(repo):
     solutions, labs = repo
     build_labs.build_all(solutions, labs)
     solution = nbformat.read(solutions / SOLUTION.name, as_version=4)
@@ -166,8 +164,8 @@ def test_check_detects_a_stale_lab(repo, capsys):
     nbformat.write(solution, solutions / SOLUTION.name)
     assert build_labs.build_all(solutions, labs, check=True) == [
         f"stale: labs/{LAB} differs from what its solution generates"]
-    assert _cli(solutions, labs, "--check") == 1
-    assert "not up to date" in capsys.readouterr().err
+    r = _cli(solutions, labs, "--check")
+    assert r.returncode == 1 and "not up to date" in r.stderr
     build_labs.build_all(solutions, labs)
     assert build_labs.build_all(solutions, labs, check=True) == []
 
@@ -207,23 +205,165 @@ def test_check_fails_when_a_solution_carries_outputs(repo):
                         "clear them before committing"]
 
 
-def test_marker_error_writes_nothing(repo, capsys):
+def test_marker_error_writes_nothing(repo):
     solutions, labs = repo
     shutil.copy(FIXTURES / "malformed" / "nested.ipynb", solutions / "lab-2.4.0-bad-solution.ipynb")
-    assert _cli(solutions, labs) == 1
-    err = capsys.readouterr().err
-    assert "error: solutions/lab-2.4.0-bad-solution.ipynb: cell 2 (id nested-2) line 5" in err
+    r = _cli(solutions, labs)
+    assert r.returncode == 1
+    assert "error: solutions/lab-2.4.0-bad-solution.ipynb: cell 2 (id nested-2) line 5" in r.stderr
     assert not labs.exists()
 
 
-def test_no_solutions_is_fine(tmp_path, capsys):
+def test_no_solutions_is_fine(tmp_path):
     (tmp_path / "solutions").mkdir()
-    assert _cli(tmp_path / "solutions", tmp_path / "labs") == 0
-    assert _cli(tmp_path / "solutions", tmp_path / "labs", "--check") == 0
-    assert "nothing to build" in capsys.readouterr().out
+    r = _cli(tmp_path / "solutions", tmp_path / "labs")
+    assert r.returncode == 0 and "nothing to build" in r.stdout
+    assert _cli(tmp_path / "solutions", tmp_path / "labs", "--check").returncode == 0
 
 
 def test_default_folders_are_the_repositorys():
-    assert build_labs.ROOT == ROOT
+    assert build_labs.course_root() == ROOT
     assert build_labs.lab_name("lab-2.4.1-mamba-inference-solution.ipynb") == \
         "lab-2.4.1-mamba-inference.ipynb"
+
+
+# ------------------------------------------------------- a lab that holds someone's changes
+
+
+def _edit_lab(path: Path, edit) -> None:
+    """Change a generated lab the way JupyterLab saves it (nbformat's JSON)."""
+    nb = nbformat.read(path, as_version=4)
+    edit(nb)
+    nbformat.write(nb, path)
+
+
+def _change_solution(solutions: Path) -> None:
+    solution = nbformat.read(solutions / SOLUTION.name, as_version=4)
+    solution.cells[2].source += "\n\nA new sentence."
+    nbformat.write(solution, solutions / SOLUTION.name)
+
+
+def _run_cell(nb):
+    code = next(c for c in nb.cells if c.cell_type == "code")
+    code.outputs = [nbformat.v4.new_output("stream", text="8\n")]
+    code.execution_count = 1
+
+
+def test_the_digest_of_the_written_cells_is_recorded(repo):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+    raw = json.loads((labs / LAB).read_text())  # as stored: sources split into lines
+    assert raw["metadata"]["effarch"] == {"generated_from": f"solutions/{SOLUTION.name}",
+                                          "cells_sha256": build_labs.cells_digest(raw)}
+    assert build_labs.lab_changes(labs / LAB) is None
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (_run_cell, "it carries outputs (cells 2)"),
+    (lambda nb: setattr(nb.cells[5], "source", "my answer"), "its cells differ"),
+    (lambda nb: nb.cells.append(nbformat.v4.new_markdown_cell("my notes")), "its cells differ"),
+])
+def test_build_refuses_to_overwrite_a_lab_holding_changes(repo, edit, why):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+    _edit_lab(labs / LAB, edit)
+    held = (labs / LAB).read_bytes()
+    _change_solution(solutions)
+    with pytest.raises(build_labs.LabChangedError) as info:
+        build_labs.build_all(solutions, labs)
+    assert f"labs/{LAB}: {why}" in str(info.value)
+    assert "TROUBLESHOOTING.md, section 'Your changes to a lab'" in str(info.value)
+    assert (labs / LAB).read_bytes() == held  # nothing written
+    r = _cli(solutions, labs)
+    assert r.returncode == 1 and "refusing to overwrite" in r.stderr and "my-labs/" in r.stderr
+    assert (labs / LAB).read_bytes() == held
+    r = _cli(solutions, labs, "--check")
+    assert r.returncode == 1 and f"stale: labs/{LAB}" in r.stdout and "holds changes" in r.stdout
+    assert "Your changes to a lab" in r.stderr
+
+
+def test_nothing_is_written_when_any_lab_holds_changes(repo):
+    solutions, labs = repo
+    shutil.copy(SOLUTION, solutions / "lab-2.4.8-other-solution.ipynb")
+    build_labs.build_all(solutions, labs)
+    _edit_lab(labs / LAB, _run_cell)
+    _change_solution(solutions)
+    other = (labs / "lab-2.4.8-other.ipynb").read_bytes()
+    shutil.copy(solutions / SOLUTION.name, solutions / "lab-2.4.8-other-solution.ipynb")
+    with pytest.raises(build_labs.LabChangedError):
+        build_labs.build_all(solutions, labs)
+    assert (labs / "lab-2.4.8-other.ipynb").read_bytes() == other
+
+
+def test_what_jupyter_alone_changes_is_not_a_change(repo):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+
+    def opened(nb):  # a kernel started, a cell collapsed, ids rewritten: no work of anyone's
+        nb.metadata["language_info"] = {"name": "python", "version": "3.11.7"}
+        nb.cells[4].metadata["collapsed"] = True
+        nb.cells[4].id = "renamed"
+    _edit_lab(labs / LAB, opened)
+    assert build_labs.lab_changes(labs / LAB) is None
+    _change_solution(solutions)
+    assert build_labs.build_all(solutions, labs) == [f"wrote labs/{LAB}"]
+
+
+def test_a_changed_lab_whose_solution_did_not_change_is_only_reported(repo):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+    _edit_lab(labs / LAB, _run_cell)
+    with pytest.raises(build_labs.LabChangedError):
+        build_labs.build_all(solutions, labs)  # rebuilding would wipe the outputs
+
+
+def test_a_generated_lab_holding_changes_is_not_removed(repo):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+    shutil.copy(labs / LAB, labs / "lab-2.4.8-gone.ipynb")
+    _edit_lab(labs / "lab-2.4.8-gone.ipynb", _run_cell)
+    with pytest.raises(build_labs.LabChangedError, match="lab-2.4.8-gone.ipynb: it carries"):
+        build_labs.build_all(solutions, labs)
+    assert (labs / "lab-2.4.8-gone.ipynb").exists()
+
+
+def test_a_lab_that_is_not_a_notebook_is_kept(repo):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+    (labs / LAB).write_text("{ half a notebook")
+    _change_solution(solutions)
+    with pytest.raises(build_labs.LabChangedError, match="not a readable notebook"):
+        build_labs.build_all(solutions, labs)
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                   check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_lab_from_before_digests_is_compared_with_git(repo):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+
+    def legacy(nb):
+        del nb.metadata["effarch"]
+    _edit_lab(labs / LAB, legacy)
+    _git(labs.parent, "init", "-q")
+    _git(labs.parent, "add", "labs")
+    _git(labs.parent, "commit", "-qm", "labs")
+    _change_solution(solutions)
+    assert build_labs.lab_changes(labs / LAB) is None  # as committed
+    _edit_lab(labs / LAB, _run_cell)
+    assert build_labs.lab_changes(labs / LAB).startswith("it carries outputs")
+    _git(labs.parent, "checkout", "--", "labs")
+    _edit_lab(labs / LAB, lambda nb: setattr(nb.cells[5], "source", "mine"))
+    assert "differs from the committed version" in build_labs.lab_changes(labs / LAB)
+
+
+def test_a_lab_from_before_digests_identical_to_the_new_one_is_replaced(repo):
+    solutions, labs = repo
+    build_labs.build_all(solutions, labs)
+    _edit_lab(labs / LAB, lambda nb: nb.metadata.pop("effarch"))  # no git repository here
+    assert build_labs.build_all(solutions, labs) == [f"wrote labs/{LAB}"]
+    assert "effarch" in json.loads((labs / LAB).read_text())["metadata"]
