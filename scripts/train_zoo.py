@@ -15,7 +15,7 @@ Typical use (one H200 trains all four in a few minutes; see the config's ``gpu_e
     python scripts/train_zoo.py --smoke --device cpu  # tiny configs, a few steps, a temp folder
 
 Mamba layers (tiny-mamba and the hybrid's) train through mambapy's parallel scan when mambapy
-imports (FACTS.md: ~20x faster than transformers' sequential loop); the saved config says
+imports (much faster than transformers' sequential loop); the saved config says
 ``use_mambapy=False`` so that the labs meet transformers' default path and effarch's fast path
 separately. ``train_meta.json`` records which path trained each model.
 

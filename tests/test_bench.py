@@ -1,4 +1,4 @@
-"""Tests of effarch.bench: behaviour only — no test asserts a wall-clock time (DESIGN.md).
+"""Tests of effarch.bench: behaviour only — no test asserts a wall-clock time.
 
 Models are tiny and random (hidden 64, 2 layers, vocabulary 256), built from configs."""
 

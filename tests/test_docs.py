@@ -95,14 +95,7 @@ TOP_LEVEL_ONLY = re.compile(r"[A-Z][A-Z_]+\.md|LICENSE|constraints\.txt|docker-c
                             r"|pyproject\.toml")
 # Files the project's own notes (outside the repository) are cited from; each entry goes when
 # its file stops citing it (the test below says so).
-KNOWN_MISSING = {
-    ("data/zoo/zoo_config.json", "FACTS.md"),
-    ("scripts/train_zoo.py", "FACTS.md"),
-    ("src/effarch/bench.py", "DESIGN.md"),
-    ("src/effarch/models.py", "CURRICULUM.md"),
-    ("src/effarch/models.py", "FACTS.md"),
-    ("tests/test_bench.py", "DESIGN.md"),
-}
+KNOWN_MISSING: set[tuple[str, str]] = set()
 
 
 def _tracked_text_files() -> list[str]:

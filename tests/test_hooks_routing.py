@@ -114,7 +114,7 @@ def _softmax_pick(r):
 
 
 def test_weights_follow_each_familys_rule(family_run):
-    """The recorded logits and weights agree with how each family weighs its experts (FACTS:
+    """The recorded logits and weights agree with how each family weighs its experts (each modeling_*.py:
     Mixtral renormalises; Qwen/OLMoE only with norm_topk_prob; Jamba never; DeepSeek-V2 scales
     by routed_scaling_factor; V3 uses sigmoid scores; GraniteMoE softmaxes over the k)."""
     family, model, trace, _, _ = family_run

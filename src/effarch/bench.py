@@ -1,6 +1,6 @@
 """The measurement protocol: timing, device memory, prefill against decode, context sweeps.
 
-DESIGN.md, "Measurement protocol": warm up before timing; synchronise the device around every
+The protocol: warm up before timing; synchronise the device around every
 timed region; report the median and spread of several repeats; reset peak memory after the model
 is loaded; time to first token (prefill) and decode (generated tokens only) are separate figures;
 every result records the device, dtype, profile and which Mamba path ran.

@@ -117,7 +117,7 @@ def n_experts(cfg) -> int:
 _SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
               bos_token_id=0, eos_token_id=0, pad_token_id=0)
-_SMALL_FAMILY = {  # FACTS: DeepSeek's MLA wants as many KV heads as heads in small configs
+_SMALL_FAMILY = {  # DeepSeek's MLA wants as many KV heads as heads in small configs
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48, mlp_only_layers=[1]),

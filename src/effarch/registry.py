@@ -67,7 +67,7 @@ class ModelSpec:
 _MAMBA = dict(state_size=16, expand=2, conv_kernel=4, vocab_size=50280, tie_word_embeddings=True,
               pad_vocab_size_multiple=8, time_step_rank="auto", use_conv_bias=True, use_bias=False,
               layer_norm_epsilon=1e-5, residual_in_fp32=True, bos_token_id=0, eos_token_id=0)
-_MAMBA_SKIP = ("dt_proj", "lm_head")  # FACTS.md: 8-bit Mamba needs these kept in float
+_MAMBA_SKIP = ("dt_proj", "lm_head")  # 8-bit Mamba needs these in float ("expected scalar type Float but found Char")
 
 REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("mamba-130m", "mamba", "state-spaces/mamba-130m-hf", family="mamba",
@@ -135,7 +135,7 @@ for _name, _role in zip(ZOO_NAMES, ROLES, strict=True):
     REGISTRY[_name] = ModelSpec(_name, _role, zoo=True,
                                 note="trained by scripts/train_zoo.py on data/corpus")
 
-# The model each role uses in each profile (CURRICULUM.md).
+# The model each role uses in each profile (README.md, "Profiles").
 FULL_BY_ROLE = {"mamba": "mamba-2.8b", "transformer": "phi-2", "moe": "olmoe-1b-7b",
                 "hybrid": "jamba-v0.1"}
 
