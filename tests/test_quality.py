@@ -161,17 +161,13 @@ def test_the_model_is_left_as_it_was(llama):
 
 
 def _router_choices(model, ids) -> list[torch.Tensor]:
-    """What each router module itself returned as its top-k (T, k), from forward hooks."""
-    seen = []
-    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
-    hooks = [r.register_forward_hook(lambda _m, _a, out: seen.append(out[2])) for r in routers]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    """The experts each MoE layer really used, (T, k) per layer, as ``effarch.hooks``
+    records them (an independent path: the routers' own outputs, on 5.17 and 5.24)."""
+    from effarch.hooks import capture_routing
+
+    with torch.no_grad(), capture_routing(model) as trace:
+        model(input_ids=ids, use_cache=False)
+    return [trace.get(layer).topk_index for layer in trace.moe_layers]
 
 
 @pytest.mark.parametrize("name, layers", [("mixtral", 2), ("jamba", 1)])
