@@ -344,7 +344,7 @@ def test_batch_sweep_rows(llama):
                               progress=False)
     assert list(frame.batch_size) == [1, 2]
     assert (frame.decode_tokens_per_s > 0).all() and frame.skipped.isna().all()
-    assert (frame.ms_per_step > 0).all()
+    assert (frame.ms_per_step > 0).all() and (frame.decode_spread >= 0).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="generate() compiles with CUDA graphs")

@@ -548,8 +548,8 @@ def batch_sweep(model, batch_sizes: Sequence[int], *, prompt_length: int, new_to
     ``prompt_length`` tokens: where a fixed-size state pays (Gu & Dao 2023 report Mamba's
     throughput at large batch). Each size runs `measure_generation` with the decode loop timed
     as a whole (``sync_every_token=False``, as a server runs it) or, with ``static_cache``,
-    `measure_static_cache_decode` (a transformers model only). A size that runs out of memory
-    gets a ``skipped`` reason."""
+    `measure_static_cache_decode` (a transformers model only). ``decode_spread`` is the repeats'
+    (max − min) / median decode time. A size that runs out of memory gets a ``skipped`` reason."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -570,6 +570,7 @@ def batch_sweep(model, batch_sizes: Sequence[int], *, prompt_length: int, new_to
                 res = measure_generation(decoder, ids, new_tokens=new_tokens, warmup=warmup,
                                          repeats=repeats, sync_every_token=False, label=label)
                 row.update(decode_tokens_per_s=res.decode_tokens_per_s,
+                           decode_spread=(res.decode_max_s - res.decode_min_s) / res.decode_s,
                            peak_memory_bytes=res.peak_memory_bytes)
         except _OOM_ERRORS as exc:
             row["skipped"] = f"out of memory ({type(exc).__name__})"
