@@ -452,8 +452,9 @@ def measure_static_cache_decode(model, input_ids: torch.Tensor, *, new_tokens: i
         t_one = time_fn(lambda: model.generate(input_ids, **one), warmup=1, repeats=repeats,
                         device=device).median
     b = input_ids.shape[0]
-    return StaticDecode(batch_size=b, new_tokens=new_tokens,
-                        decode_tokens_per_s=decode_tokens_per_s(t_all, t_one, b, new_tokens),
+    # a model so small that the difference drowns in noise gives no rate rather than a negative one
+    rate = decode_tokens_per_s(t_all, t_one, b, new_tokens) if t_all > t_one else math.nan
+    return StaticDecode(batch_size=b, new_tokens=new_tokens, decode_tokens_per_s=rate,
                         compile_s=compile_s, compiled=hasattr(model, "_compiled_call"))
 
 
