@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 
 import torch
 
@@ -32,14 +31,6 @@ ROWS: list[dict] = []
 def row(what: str, value: float, unit: str, note: str = "") -> None:
     ROWS.append(dict(what=what, value=value, unit=unit, note=note))
     print(f"  {what:58s} {value:12.4g} {unit:8s} {note}", flush=True)
-
-
-def copy_bandwidth(device: str) -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy (median of 10)."""
-    src = torch.empty(2**29, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t = bench.time_fn(lambda: dst.copy_(src), warmup=3, repeats=10, device=device)
-    return 2 * 2**31 / t.median
 
 
 def cpu_scan(args) -> None:
@@ -167,23 +158,12 @@ def phi_section(args, bw: float) -> None:
 def fair_arm(model, prompt, roof, args) -> None:
     """transformers' own fast path: a static cache, with which generate() compiles the forward
     (torch.compile, mode reduce-overhead: CUDA graphs) by itself."""
-    kw = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-              cache_implementation="static", attention_mask=torch.ones_like(prompt))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(3):  # compile, then record the graphs
-            model.generate(prompt, **kw)
-    bench.synchronize(args.device)
-    compiled = hasattr(model, "_compiled_call")
-    row("static cache: compile and warm-up (3 generate calls)", time.perf_counter() - t0, "s",
-        "compiled by generate()" if compiled else "NOT compiled: eager static cache")
-    with torch.no_grad():
-        t_full = timed(lambda: model.generate(prompt, **kw), args.device, repeats=3, warmup=0)
-        kw1 = dict(kw, max_new_tokens=1, min_new_tokens=1)
-        t_one = timed(lambda: model.generate(prompt, **kw1), args.device, repeats=3, warmup=1)
-    tps = bench.decode_tokens_per_s(t_full, t_one, 1, args.tokens)
-    row(f"decode batch 1, static cache{' + torch.compile' if compiled else ''}", tps, "tok/s",
-        f"{tps / roof:.1%} of roofline (generate(n) - generate(1))")
+    res = bench.measure_static_cache_decode(model, prompt, new_tokens=args.tokens, repeats=3)
+    row("static cache: compile and warm-up (3 generate calls)", res.compile_s, "s",
+        "compiled by generate()" if res.compiled else "NOT compiled: eager static cache")
+    row(f"decode batch 1, static cache{' + torch.compile' if res.compiled else ''}",
+        res.decode_tokens_per_s, "tok/s",
+        f"{res.decode_tokens_per_s / roof:.1%} of roofline (generate(n) - generate(1))")
 
 
 def gpu_scan_check(dev: str) -> None:
@@ -242,7 +222,7 @@ def main(argv=None) -> int:
         if args.device.startswith("cuda"):
             print(f"GPU: {torch.cuda.get_device_name()}")
             gpu_scan_check(args.device)
-        bw = copy_bandwidth(args.device)
+        bw = bench.copy_bandwidth(args.device)
         row("device copy bandwidth (read + write)", bw / 1e12, "TB/s")
         section(mamba_section, args, bw)
         section(phi_section, args, bw)

@@ -300,3 +300,61 @@ def test_available_mamba_paths():
     paths = backends.available_mamba_paths()
     assert paths["sequential fallback"] is True
     assert set(backends.MAMBA_PATHS) - {"n/a"} <= set(paths)
+
+
+def test_compare_timings_and_spread():
+    fast, slow = (bench.Timing.from_samples(s) for s in ([1.0, 1.1, 1.2], [2.0, 2.1, 2.2]))
+    wide = bench.Timing.from_samples([1.0, 1.5, 3.0])
+    assert bench.compare_timings(fast, slow) == "faster"
+    assert bench.compare_timings(slow, fast) == "slower"
+    assert bench.compare_timings(wide, slow) == "indistinguishable"
+    assert wide.relative_spread == pytest.approx(2 / 1.5)
+
+
+def test_spread_warnings_name_the_noisy_rows():
+    import pandas as pd
+
+    frame = pd.DataFrame({"label": ["m", "m", "m"], "model_class": ["X"] * 3,
+                          "prompt_length": [64, 128, 256], "skipped": [None, None, "too long"],
+                          "ttft_s": [1.0, 1.0, float("nan")], "ttft_min_s": [0.9, 0.5, float("nan")],
+                          "ttft_max_s": [1.1, 2.0, float("nan")],
+                          "decode_ms_per_token": [10.0, 10.0, float("nan")],
+                          "decode_ms_per_token_iqr": [1.0, 20.0, float("nan")]})
+    lines = bench.spread_warnings(frame)
+    assert len(lines) == 2 and all("m at 128 tokens" in line for line in lines)
+
+
+def test_copy_bandwidth_is_positive():
+    assert bench.copy_bandwidth("cpu", nbytes=2**20) > 0
+
+
+def test_time_prefill_decode_with_a_fake_clock(llama):
+    from effarch import checks
+
+    decoder = checks.FakeDecoder([5.0, 0.1, 0.3, 0.2], [1.0, 0.01, 0.03, 0.02])
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    ttft, step = bench.time_prefill_decode(decoder, ids, new_tokens=4, warmup=1, repeats=3,
+                                           clock=decoder.device.clock,
+                                           synchronize=decoder.device.synchronize)
+    assert ttft == pytest.approx(0.2) and step == pytest.approx(0.02)
+
+
+def test_batch_sweep_rows(llama):
+    frame = bench.batch_sweep(llama, [1, 2], prompt_length=5, new_tokens=3, repeats=1,
+                              progress=False)
+    assert list(frame.batch_size) == [1, 2]
+    assert (frame.decode_tokens_per_s > 0).all() and frame.skipped.isna().all()
+    assert (frame.ms_per_step > 0).all() and (frame.decode_spread >= 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="generate() compiles with CUDA graphs")
+def test_static_cache_decode_on_gpu(llama):
+    res = bench.measure_static_cache_decode(llama.cuda(), torch.randint(0, 97, (1, 8)),
+                                            new_tokens=4, repeats=1)
+    assert res.decode_tokens_per_s > 0
+
+
+def test_transformers_mamba_path_predicts_the_built_models_path(mamba):
+    path, why = backends.transformers_mamba_path(mamba.config)
+    assert path == backends.mamba_path(mamba)
+    assert why

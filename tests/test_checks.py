@@ -328,3 +328,117 @@ def test_long_diffs_are_clipped():
     details = checks.history()[-1].details
     assert len(details) == checks._MAX_DETAIL_LINES + 1
     assert details[-1] == f"… {20 - checks._MAX_DETAIL_LINES} more"
+
+
+# ------------------------------------------------- known expectations, hints, causes, structure
+
+
+def test_case_expecting_replaces_the_reference_and_names_its_source(capsys):
+    def broken_reference(x, scale=2.0):
+        raise AssertionError("not called for a case with a known value")
+
+    case = Case(torch.ones(2), scale=3.0).expecting(torch.full((2,), 3.0), source="a measurement")
+    assert checks.check_function(student_ok, broken_reference, [case]) is student_ok
+    checks.check_function(student_wrong, broken_reference, [case], name="scale")
+    out = capsys.readouterr().out
+    assert "expected: a measurement" in out
+
+
+def test_case_hint_is_printed_when_that_case_fails(capsys):
+    cases_ = [Case(torch.zeros(2)), Case(torch.ones(2)).hinting("values above one half")]
+    checks.check_function(student_wrong, reference, cases_, name="scale")
+    out = capsys.readouterr().out
+    assert "case 2 of 2" in out and "about this case: values above one half" in out
+
+
+def test_mistakes_name_the_likely_cause_and_only_a_consistent_one():
+    def halved(x, scale=2.0):
+        return x * scale / 2
+
+    def plus_quarter(x, scale=2.0):
+        return x * scale + (x > 0.5) * 0.25
+
+    mistakes = [checks.Mistake("the factor is halved", wrong=halved),
+                checks.Mistake("a quarter added above one half", wrong=plus_quarter),
+                checks.Mistake("a crash", error=r"ZeroDivision")]
+    checks.check_function(student_wrong, reference, cases, mistakes=mistakes)
+    details = checks.history()[-1].details
+    assert "likely cause: a quarter added above one half" in details
+    assert not any("halved" in d for d in details)
+
+    # two mistakes fit the failing case; the one that also fits the other case is named
+    def ones_case():
+        return [Case(torch.ones(3), scale=2.0), Case(torch.full((3,), 2.0), scale=4.0)]
+
+    both = [checks.Mistake("minus one", wrong=lambda x, scale: x * scale - 1),
+            checks.Mistake("halved", wrong=lambda x, scale: x * scale / 2)]
+    checks.check_function(lambda x, scale: x * scale / 2, reference, ones_case, mistakes=both)
+    details = checks.history()[-1].details
+    assert "likely cause: halved" in details and "likely cause: minus one" not in details
+
+
+def test_mistake_by_error_message(capsys):
+    def divides(x, scale=2.0):
+        return x / 0 if isinstance(x, int) else 1 // 0
+
+    checks.check_function(divides, reference, cases,
+                          mistakes=[checks.Mistake("a division by zero", error="ZeroDivision")])
+    assert "likely cause: a division by zero" in capsys.readouterr().out
+
+
+def test_mistakes_match_loosely_where_the_arithmetic_blows_up():
+    wrong = torch.tensor([1.0, float("inf"), 3e38, float("nan")])
+    assert checks._loosely_equal(wrong * (1 + 1e-3), wrong)
+    assert not checks._loosely_equal(torch.tensor([1.0, 2.0, 3e38, 0.0]), wrong)
+
+
+def test_structure_problems_fail_a_check_with_right_values(capsys):
+    got = checks.check_function(student_ok, reference, cases,
+                                structure=lambda fn: ["computed the wrong way"])
+    assert got is reference
+    out = capsys.readouterr().out
+    assert "right values on 2 cases, but not computed the way the exercise asks" in out
+    assert "computed the wrong way" in out
+
+
+def test_count_tensor_ops_and_grows_like_log():
+    def loop(x):
+        for _ in range(x.shape[-1]):
+            x = x + 1
+        return x
+
+    def rounds(x):
+        k = 1
+        while k < x.shape[-1]:
+            x = x * 2
+            k *= 2
+        return x
+
+    assert checks.count_tensor_ops(loop, torch.zeros(10)) == 10
+    make = lambda n: Case(torch.zeros(n))  # noqa: E731
+    assert checks.grows_like_log(make)(rounds) == []
+    problems = checks.grows_like_log(make)(loop)
+    assert problems and "32" in problems[0] and "1,024" in problems[0]
+
+
+def test_result_returns_the_latest_run_of_a_check():
+    assert checks.result("scale") is None
+    checks.check_function(student_wrong, reference, cases, name="scale")
+    checks.check_function(student_ok, reference, cases, name="scale")
+    assert checks.result("scale").passed
+
+
+def test_tolerance_by_dtype_per_item():
+    compare = checks.tolerance_by_dtype(float32=(1e-4, 1e-4))
+    out, state = torch.ones(3, dtype=torch.bfloat16), torch.ones(3)
+    assert compare((out * 1.01, state + 5e-5), (out, state)) is None  # bf16 default tolerance
+    assert "output[1]" in compare((out, state + 1e-2), (out, state))
+
+
+def test_calls_show_short_names_for_long_reprs(capsys):
+    class Config:
+        def __repr__(self):
+            return "Config {\n  many: lines\n}"
+
+    checks.check_function(lambda cfg, f: 1, lambda cfg, f: 2, [Case(Config(), len)], name="n")
+    assert "call: n(Config, len)" in capsys.readouterr().out

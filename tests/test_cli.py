@@ -16,7 +16,11 @@ def test_doctor_reports_offline_tiny_and_paths(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "hub: offline" in out
     assert "profile tiny" in out
-    assert "mamba paths:" in out and "sequential fallback" in out
+    # one answer per way of running the profile's Mamba, with its reason
+    assert "mamba paths for this profile's Mamba (tiny-mamba)" in out
+    assert "through transformers: sequential fallback — mamba-ssm is not installed" in out
+    assert "through effarch.fast: chunked PyTorch scan prefill" in out
+    assert "mambapy parallel scan: True" not in out
     assert "bitsandbytes usable:" in out
     for name in ("mamba-2.8b", "phi-2", "tiny-moe"):
         assert name in out

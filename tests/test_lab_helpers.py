@@ -179,3 +179,51 @@ def test_explore_draws_the_default_view_once(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)  # as if not installed
     plots.explore(view, batch=(1, 8))
     assert calls == [1, 1]
+
+
+def test_block_diagram_draws_every_box():
+    fig = plots.mamba_block_diagram()
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for part in ("in_proj", "conv1d", "x_proj", "dt_proj", "selective scan", "out_proj"):
+        assert any(part in t for t in texts), part
+
+
+def test_hide_inapplicable_warnings_says_what_it_hides(caplog):
+    import logging
+
+    lines = compat.hide_inapplicable_warnings(cuda=False)
+    assert len(lines) == 2 and "mamba_ssm" in lines[1] and "gemm_4bit" in lines[0]
+    log = logging.getLogger("transformers.integrations.hub_kernels")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning("`selective_scan_fn` is falling back to its reference PyTorch implementation")
+        log.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    assert len(compat.hide_inapplicable_warnings(cuda=False)) == 2  # idempotent
+    assert sum(type(f).__name__ == "_DropMatching" for f in log.filters) == 1
+    assert len(compat.hide_inapplicable_warnings(cuda=True)) == 1  # with CUDA the advice can apply
+
+
+def test_conv_state_reads_both_cache_layouts():
+    model = build("mamba", dtype=torch.float32)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = compat.returned_cache(model(input_ids=ids, use_cache=True))
+    state = compat.conv_state(cache, 1)
+    assert tuple(state.shape) == (2, 64, 4)
+    legacy = types.SimpleNamespace(conv_states=[None, state])  # 5.17's MambaCache lists
+    assert compat.conv_state(legacy, 1) is state
+
+
+def test_mixer_step_is_transformers_decode_step():
+    from effarch import hooks, mixer
+
+    model = build("mamba", dtype=torch.float32)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    for rec in hooks.record_decode_step(model, ids, [0, 1]).values():
+        conv, state = rec.conv_state.clone(), rec.ssm_state.clone()
+        with torch.no_grad():
+            out = mixer.mixer_step(rec.mixer, rec.x, conv, state)
+        torch.testing.assert_close(out, rec.output)
+        torch.testing.assert_close(conv, rec.new_conv_state)
+        torch.testing.assert_close(state, rec.new_ssm_state)
+        assert not torch.equal(rec.ssm_state, rec.new_ssm_state)  # the step did change it

@@ -69,6 +69,22 @@ def mamba_path(model) -> str:
     return "sequential fallback"
 
 
+def transformers_mamba_path(config) -> tuple[str, str]:
+    """(path, why): the path transformers will take for a whole prompt through a Mamba model
+    built from ``config`` here, decided as transformers decides it (see the module docstring),
+    without building the model. `mamba_path` reads the same off a built model."""
+    if importlib.util.find_spec("mamba_ssm") is not None:
+        return "mamba-ssm kernels", "mamba-ssm imports, so transformers binds its scan to them"
+    missing = "mamba-ssm is not installed"
+    if getattr(config, "use_mambapy", False):
+        if mambapy_available():
+            return "mambapy parallel scan", f"{missing}; the config sets use_mambapy=True"
+        return "sequential fallback", f"{missing}; the config asks for mambapy, not installed"
+    unused = "; mambapy is installed, but transformers uses it only when a config asks" \
+        if mambapy_available() else ""
+    return "sequential fallback", f"{missing} and the config has use_mambapy=False{unused}"
+
+
 def package_version(package: str) -> str | bool:
     """An importable package's installed version; False when it does not import; True when it
     imports but has no distribution metadata (e.g. run from a path)."""

@@ -150,6 +150,11 @@ class Timing:
     def iqr(self) -> float:
         return self.q3 - self.q1
 
+    @property
+    def relative_spread(self) -> float:
+        """(max − min) / median: how far apart the repeats fell, against the figure quoted."""
+        return (self.max - self.min) / self.median if self.median > 0 else math.inf
+
     @classmethod
     def from_samples(cls, samples: Sequence[float]) -> Timing:
         s = tuple(float(x) for x in samples)
@@ -161,6 +166,54 @@ class Timing:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "iqr": self.iqr}
+
+
+UNRELIABLE_SPREAD = 0.5
+"""A spread above this fraction of the median makes a measurement unreliable: on an idle
+machine repeats of the same work fall within a few percent of each other."""
+
+
+def compare_timings(a: Timing, b: Timing) -> str:
+    """``"faster"`` when every repeat of ``a`` beat every repeat of ``b``, ``"slower"`` in the
+    reverse case, else ``"indistinguishable"``: their min–max ranges overlap, so these repeats
+    do not say which is faster."""
+    if a.max < b.min:
+        return "faster"
+    if a.min > b.max:
+        return "slower"
+    return "indistinguishable"
+
+
+def spread_warnings(frame, *, limit: float = UNRELIABLE_SPREAD) -> list[str]:
+    """One line per measurement of a `context_sweep` frame whose spread exceeds ``limit`` times
+    its median: the time to first token's min–max range, or the decode steps' interquartile
+    range. Such a figure says more about what else the machine was doing than about the model."""
+    lines = []
+    for row in frame.itertuples():
+        if getattr(row, "skipped", None) is not None and row.skipped == row.skipped:
+            continue  # a skipped length (NaN when measured)
+        ttft = (row.ttft_max_s - row.ttft_min_s) / row.ttft_s
+        step = row.decode_ms_per_token_iqr / row.decode_ms_per_token
+        where = f"{row.label or row.model_class} at {row.prompt_length} tokens"
+        if ttft > limit:
+            lines.append(f"{where}: time to first token {row.ttft_s * 1e3:.3g} ms, repeats "
+                         f"spread over {ttft:.0%} of it")
+        if step > limit:
+            lines.append(f"{where}: decode {row.decode_ms_per_token:.3g} ms/token, the steps' "
+                         f"interquartile range {step:.0%} of it")
+    return lines
+
+
+def copy_bandwidth(device, *, nbytes: int | None = None) -> float:
+    """Bytes read + written per second by a device-to-device copy (median of 5 after 2 warm-up
+    copies): what one pass over memory costs here. ``nbytes`` defaults to 2 GiB on a GPU and
+    256 MiB elsewhere."""
+    dev = _device(device)
+    nbytes = nbytes or (2**31 if dev.type == "cuda" else 2**28)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), warmup=2, repeats=5, device=dev)
+    return 2 * nbytes / t.median
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
@@ -191,31 +244,58 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
 # --------------------------------------------------------------------------------------------
 
 def _timed_generation(decoder: Decoder, input_ids, *, attention_mask, new_tokens: int,
-                      sync_every_token: bool, after=None):
+                      sync_every_token: bool, after=None, clock=None, sync=None):
     """One prefill and ``new_tokens - 1`` decode steps: (ttft s, decode s, per-step s).
-    ``after()`` runs once the clock has stopped, while the decoder's state is still alive."""
+    ``after()`` runs once the clock has stopped, while the decoder's state is still alive.
+    ``clock`` and ``sync(device)`` default to this module's ``_clock`` and `synchronize`."""
+    clock = clock or _clock
+    sync = sync or synchronize
     device = decoder.device
-    synchronize(device)
-    start = _clock()
+    sync(device)
+    start = clock()
     token = decoder.prefill(input_ids, attention_mask=attention_mask).argmax(-1)  # (b,)
-    synchronize(device)
-    decode_start = _clock()
+    sync(device)
+    decode_start = clock()
     steps, last = [], decode_start
     for _ in range(new_tokens - 1):
         token = decoder.step(token).argmax(-1)
         if sync_every_token:
-            synchronize(device)
-            now = _clock()
+            sync(device)
+            now = clock()
             steps.append(now - last)
             last = now
-    synchronize(device)
-    end = _clock()
+    sync(device)
+    end = clock()
     if after is not None:
         after()
     decode_s = end - decode_start
     if not sync_every_token:
         steps = [decode_s / (new_tokens - 1)] * (new_tokens - 1)
     return decode_start - start, decode_s, steps
+
+
+def time_prefill_decode(decoder: Decoder, input_ids: torch.Tensor, *, new_tokens: int,
+                        warmup: int, repeats: int, clock: Callable[[], float] | None = None,
+                        synchronize: Callable | None = None) -> tuple[float, float]:
+    """The protocol's core, as lab 2.4.1 asks a student to write it: ``warmup`` untimed runs,
+    then ``repeats`` timed ones, each a prefill (time to first token) and ``new_tokens - 1``
+    decode steps timed apart, the device synchronised before every clock reading.
+
+    Returns (median time to first token in s, median decode seconds per token), the decode of a
+    run being its decode time / (new_tokens − 1). ``clock`` and ``synchronize(device)`` can be
+    replaced (a fake device in a check); call it under ``torch.no_grad()``.
+    """
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2: the first token comes from the prefill")
+    ttft, per_token = [], []
+    for run in range(warmup + repeats):
+        first, decode_s, _ = _timed_generation(decoder, input_ids, attention_mask=None,
+                                               new_tokens=new_tokens, sync_every_token=False,
+                                               clock=clock, sync=synchronize)
+        if run >= warmup:
+            ttft.append(first)
+            per_token.append(decode_s / (new_tokens - 1))
+    return statistics.median(ttft), statistics.median(per_token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +418,46 @@ def results_frame(results: Sequence) -> pd.DataFrame:
     return pd.DataFrame([r if isinstance(r, dict) else r.to_dict() for r in results])
 
 
+@dataclass
+class StaticDecode:
+    """Decode through transformers' static cache, compiled by ``generate()``."""
+
+    batch_size: int
+    new_tokens: int
+    decode_tokens_per_s: float  # b·(n − 1) / (t(generate n tokens) − t(generate 1 token))
+    compile_s: float  # the first three generate() calls: compilation and graph capture
+    compiled: bool  # whether generate() compiled the forward
+
+
+def measure_static_cache_decode(model, input_ids: torch.Tensor, *, new_tokens: int = 32,
+                                repeats: int = 3) -> StaticDecode:
+    """transformers' own fast decode: ``generate(cache_implementation="static")``, with which
+    ``generate()`` compiles the forward by itself (torch.compile with CUDA graphs on a GPU). No
+    per-step hook exists inside a compiled ``generate()``, so decode is the median time of
+    ``generate`` with ``new_tokens`` minus that with 1 (its prefill and first token), after
+    three calls that compile and capture (``scripts/bench_fast_mamba.py``; lab 2.4.1)."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              cache_implementation="static", attention_mask=torch.ones_like(input_ids))
+    one = dict(kw, max_new_tokens=1, min_new_tokens=1)
+    start = _clock()
+    with torch.no_grad():
+        for _ in range(3):  # compile, then record the graphs
+            model.generate(input_ids, **kw)
+        synchronize(device)
+        compile_s = _clock() - start
+        t_all = time_fn(lambda: model.generate(input_ids, **kw), warmup=0, repeats=repeats,
+                        device=device).median
+        t_one = time_fn(lambda: model.generate(input_ids, **one), warmup=1, repeats=repeats,
+                        device=device).median
+    b = input_ids.shape[0]
+    # a model so small that the difference drowns in noise gives no rate rather than a negative one
+    rate = decode_tokens_per_s(t_all, t_one, b, new_tokens) if t_all > t_one else math.nan
+    return StaticDecode(batch_size=b, new_tokens=new_tokens, decode_tokens_per_s=rate,
+                        compile_s=compile_s, compiled=hasattr(model, "_compiled_call"))
+
+
 # --------------------------------------------------------------------------------------------
 # context sweep
 # --------------------------------------------------------------------------------------------
@@ -420,6 +540,47 @@ def context_sweep(model, make_input_ids: Callable[[int], torch.Tensor] | None = 
                      "new_tokens": new_tokens, "skipped": reason})
     columns = [f.name for f in fields(GenerationResult)] + ["skipped"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def batch_sweep(model, batch_sizes: Sequence[int], *, prompt_length: int, new_tokens: int = 32,
+                warmup: int = 1, repeats: int = 3, static_cache: bool = False,
+                label: str | None = None, progress: bool = True) -> pd.DataFrame:
+    """Decode throughput against batch size, one row per size, on random prompts of
+    ``prompt_length`` tokens: where a fixed-size state pays (Gu & Dao 2023 report Mamba's
+    throughput at large batch). Each size runs `measure_generation` with the decode loop timed
+    as a whole (``sync_every_token=False``, as a server runs it) or, with ``static_cache``,
+    `measure_static_cache_decode` (a transformers model only). ``decode_spread`` is the repeats'
+    (max − min) / median decode time. A size that runs out of memory gets a ``skipped`` reason."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    decoder = as_decoder(model)
+    vocab = decoder.module.config.vocab_size
+    rows = []
+    for b in tqdm(list(batch_sizes), desc="batch sweep", disable=not progress):
+        ids = random_input_ids(vocab, prompt_length, batch_size=b)
+        row = {"label": label, "batch_size": b, "prompt_length": prompt_length,
+               "new_tokens": new_tokens, "skipped": None}
+        try:
+            if static_cache:
+                res = measure_static_cache_decode(decoder.module, ids, new_tokens=new_tokens,
+                                                  repeats=repeats)
+                row.update(decode_tokens_per_s=res.decode_tokens_per_s, compile_s=res.compile_s,
+                           compiled=res.compiled)
+            else:
+                res = measure_generation(decoder, ids, new_tokens=new_tokens, warmup=warmup,
+                                         repeats=repeats, sync_every_token=False, label=label)
+                row.update(decode_tokens_per_s=res.decode_tokens_per_s,
+                           decode_spread=(res.decode_max_s - res.decode_min_s) / res.decode_s,
+                           peak_memory_bytes=res.peak_memory_bytes)
+        except _OOM_ERRORS as exc:
+            row["skipped"] = f"out of memory ({type(exc).__name__})"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["ms_per_step"] = 1e3 * frame.batch_size / frame.get("decode_tokens_per_s", math.nan)
+    return frame
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ Example (a check cell)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import reprlib
@@ -32,8 +33,9 @@ from typing import Any, Literal
 from effarch import profile
 
 __all__ = [
-    "Case", "CheckFailed", "CheckNotAttempted", "CheckResult", "check_function",
-    "check_value", "diff", "diff_lines", "history", "reset", "summary",
+    "Case", "CheckFailed", "CheckNotAttempted", "CheckResult", "Mistake", "check_function",
+    "check_value", "count_tensor_ops", "diff", "diff_lines", "grows_like_log", "history",
+    "reset", "result", "summary", "tolerance_by_dtype",
 ]
 
 Status = Literal["pass", "fail", "skip"]
@@ -81,17 +83,48 @@ class CheckResult:
                          + [f"   {line}" for line in self.details])
 
 
+_UNSET = object()
+
+
 class Case:
     """The arguments of one call: ``Case(x, dim=-1)`` calls ``fn(x, dim=-1)``.
 
     A plain tuple is positional arguments, a dict keyword arguments, anything else one argument.
+    ``Case(...).expecting(value, source=...)`` compares with a known value (e.g. bytes measured
+    on a real cache) instead of calling the reference; ``.hinting(text)`` adds a line to the
+    report when this case fails (what is special about it).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args, self.kwargs = args, kwargs
+        self.expected, self.source, self.hint = _UNSET, None, None
+
+    def expecting(self, value: Any, *, source: str) -> Case:
+        """Compare this case with ``value``; ``source`` says where it came from."""
+        self.expected, self.source = value, source
+        return self
+
+    def hinting(self, text: str) -> Case:
+        """Print ``text`` when this case fails."""
+        self.hint = text
+        return self
 
     def __repr__(self) -> str:
         return f"Case({_call_args(self.args, self.kwargs)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mistake:
+    """A common wrong answer and its likely cause, named in the report when it fits.
+
+    ``wrong(*args, **kwargs)`` computes what the mistake gives on a case: when the student's
+    output matches it, the report says ``likely cause: <cause>``. ``error`` is a regular
+    expression searched in ``"<ExceptionType>: <message>"`` when the student's code raises.
+    """
+
+    cause: str
+    wrong: Callable | None = None
+    error: str | None = None
 
 
 _HISTORY: list[CheckResult] = []
@@ -105,6 +138,12 @@ def history() -> list[CheckResult]:
 def reset() -> None:
     """Forget the recorded results."""
     _HISTORY.clear()
+
+
+def result(name: str) -> CheckResult | None:
+    """The most recent result of the check called ``name`` (None if it has not run): what the
+    rest of a lab uses to say whether the student's answer or the reference ran."""
+    return next((r for r in reversed(_HISTORY) if r.name == name), None)
 
 
 def summary(*, show: bool = True) -> dict[str, int]:
@@ -129,38 +168,129 @@ def _say(text: str) -> None:
 def check_function(student_fn: Callable, reference_fn: Callable,
                    cases: Iterable[Any] | Callable[[], Iterable[Any]], *, name: str | None = None,
                    rtol: float | None = None, atol: float | None = None,
-                   compare: Compare | None = None) -> Callable:
+                   compare: Compare | None = None, mistakes: Iterable[Mistake] = (),
+                   structure: Callable[[Callable], list[str]] | None = None) -> Callable:
     """Call both functions on every case and compare; return ``student_fn`` if all pass, else
     ``reference_fn``.
 
     ``cases``: a list of cases (:class:`Case`, a tuple of positional arguments, a dict of keyword
     arguments, or a single argument), or a callable returning one so random inputs are drawn
-    fresh. The reference runs first on each case. ``compare(actual, expected)`` replaces
-    :func:`diff`: it returns ``None``/``True`` on a match, else ``False`` or a message, or raises
-    ``AssertionError`` (so ``torch.testing.assert_close`` works as is).
+    fresh. The reference runs first on each case (unless the case carries its expected value).
+    ``compare(actual, expected)`` replaces :func:`diff`: it returns ``None``/``True`` on a match,
+    else ``False`` or a message, or raises ``AssertionError`` (so ``torch.testing.assert_close``
+    works as is). ``mistakes``: common wrong answers whose cause the report names when one fits.
+    ``structure(student_fn)``, run once every value matched, returns problems with *how* the
+    answer computes (e.g. :func:`grows_like_log`); any problem is a ❌.
     """
     name = name or getattr(student_fn, "__name__", "exercise")
     case_list = list(cases() if callable(cases) else cases)
+    mistakes = tuple(mistakes)
     if not case_list:
         raise ValueError(f"check {name!r} has no cases")
+    outputs = []  # the student's output on each case so far
     for i, case in enumerate(case_list, 1):
         args, kwargs = _unpack(case)
         where = f"case {i} of {len(case_list)}"
-        call = f"call: {name}({_call_args(args, kwargs)})"
-        expected = reference_fn(*args, **kwargs)
+        call = [f"call: {name}({_call_args(args, kwargs)})"]
+        known = isinstance(case, Case) and case.expected is not _UNSET
+        expected = case.expected if known else reference_fn(*args, **kwargs)
+        if known:
+            call.append(f"expected: {case.source}")
+        hint = [f"about this case: {case.hint}"] if isinstance(case, Case) and case.hint else []
         try:
             actual = student_fn(*args, **kwargs)
         except NotImplementedError as exc:
             return _finish(_not_attempted(name, exc), reference_fn)
         except Exception as exc:  # any error in student code is a ❌, not a crash
-            return _finish(_raised(name, exc, where, [call]), reference_fn, exc)
+            causes = _error_causes(exc, mistakes)
+            return _finish(_raised(name, exc, where, [*call, *hint, *causes]), reference_fn, exc)
+        outputs.append(actual)
         problems = _compare(actual, expected, rtol, atol, compare)
         if problems:
+            match = functools.partial(_matches, rtol=rtol, atol=atol, compare=compare)
+            causes = _likely_causes(student_fn, case_list, outputs, mistakes, match)
             result = CheckResult(name, "fail", f"{where} gives a different output",
-                                 (call, *problems))
+                                 (*call, *causes, *hint, *problems))
             return _finish(result, reference_fn)
     n = len(case_list)
+    problems = structure(student_fn) if structure is not None else []
+    if problems:
+        result = CheckResult(name, "fail", f"right values on {n} case{'s' * (n != 1)}, but "
+                             "not computed the way the exercise asks", tuple(problems))
+        return _finish(result, reference_fn)
     return _finish(CheckResult(name, "pass", f"passed {n} case{'s' * (n != 1)}"), student_fn)
+
+
+def _matches(actual, wrong, *, rtol, atol, compare) -> bool:
+    """Does the student's output match a mistake's? To the check's tolerance, or loosely (1%)
+    where a mistake makes the arithmetic blow up and rounding then decides the digits."""
+    if wrong is None:
+        return False
+    return not _compare(actual, wrong, rtol, atol, compare) or _loosely_equal(actual, wrong)
+
+
+def _loosely_equal(a: Any, b: Any) -> bool:
+    """Same structure; tensors of one shape whose non-finite entries sit in the same places and
+    whose finite ones agree to 1% (of the largest finite magnitude, elementwise)."""
+    torch = sys.modules.get("torch")
+    if isinstance(b, (tuple, list)):
+        return isinstance(a, (tuple, list)) and len(a) == len(b) and all(
+            _loosely_equal(x, y) for x, y in zip(a, b, strict=True))
+    if torch is None or not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if a.shape != b.shape or not (a.is_floating_point() and b.is_floating_point()):
+        return False
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    finite = torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), finite) or not torch.equal(a[~finite].nan_to_num(),
+                                                                    b[~finite].nan_to_num()):
+        return False
+    if not finite.any():
+        return True
+    a, b = a[finite], b[finite]
+    return bool(((a - b).abs() <= 1e-2 * b.abs() + 1e-3 * b.abs().max()).all())
+
+
+def _wrong_on(mistake: Mistake, case: Any) -> Any:
+    """What the mistake gives on a case; None where it does not apply (or cannot run)."""
+    args, kwargs = _unpack(case)
+    try:
+        return mistake.wrong(*args, **kwargs)
+    except Exception:  # a diagnosis that does not apply to this case
+        return None
+
+
+def _likely_causes(student_fn, cases, outputs, mistakes, match) -> list[str]:
+    """``likely cause: …`` for the mistakes whose wrong answer the student's output matches on
+    the failing case (the last of ``outputs``). When several do, those that also match the
+    student on every other case (run now where not yet run) are named."""
+    failing = len(outputs) - 1
+    fits = [m for m in mistakes if m.wrong is not None
+            and match(outputs[failing], _wrong_on(m, cases[failing]))]
+    if len(fits) > 1:
+        for case in cases[len(outputs):]:
+            args, kwargs = _unpack(case)
+            try:
+                outputs.append(student_fn(*args, **kwargs))
+            except Exception:  # NotImplementedError included: that case says nothing
+                outputs.append(_UNSET)
+
+        def everywhere(m: Mistake) -> bool:
+            for case, out in zip(cases, outputs, strict=True):
+                wrong = _wrong_on(m, case)
+                if out is not _UNSET and wrong is not None and not match(out, wrong):
+                    return False
+            return True
+        fits = [m for m in fits if everywhere(m)] or fits
+    return [f"likely cause: {m.cause}" for m in fits]
+
+
+def _error_causes(exc: Exception, mistakes) -> list[str]:
+    import re
+
+    text = f"{type(exc).__name__}: {exc}"
+    return [f"likely cause: {m.cause}" for m in mistakes
+            if m.error is not None and re.search(m.error, text)]
 
 
 def check_value(name: str, student: Callable[[], Any] | Any, expected: Any, *,
@@ -248,6 +378,626 @@ def _compare(actual: Any, expected: Any, rtol: float | None, atol: float | None,
     return str(verdict).splitlines() if isinstance(verdict, str) else ["the comparison failed"]
 
 
+# ------------------------------------------------------------------ how an answer computes
+
+
+def count_tensor_ops(fn: Callable, *args: Any, **kwargs: Any) -> int:
+    """How many ATen operations ``fn(*args, **kwargs)`` dispatches (views, copies and
+    arithmetic alike), counted with a ``TorchDispatchMode``: a measure of the work's *structure*
+    that no timing noise touches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as counter:
+        fn(*args, **kwargs)
+    return counter.n
+
+
+def grows_like_log(make_case: Callable[[int], Any], lengths: tuple[int, int] = (32, 1024), *,
+                   slack: float = 2.0) -> Callable[[Callable], list[str]]:
+    """A ``structure`` test for :func:`check_function`: the number of tensor operations the
+    answer dispatches on ``make_case(l)`` may grow from the first length to the second at most
+    ``slack`` times as fast as log2 l — a scan in ceil(log2 l) rounds (Hillis–Steele) or
+    2·log2 l (Blelloch) passes, a loop over the sequence (depth l) does not."""
+    short, long = lengths
+
+    def structure(fn: Callable) -> list[str]:
+        counts = []
+        for length in lengths:
+            args, kwargs = _unpack(make_case(length))
+            counts.append(count_tensor_ops(fn, *args, **kwargs))
+        log_ratio = math.log2(long) / math.log2(short)
+        if counts[1] <= slack * log_ratio * max(counts[0], 1):
+            return []
+        return [f"it dispatched {counts[0]:,} tensor operations at l = {short} and "
+                f"{counts[1]:,} at l = {long}: ×{counts[1] / max(counts[0], 1):.1f}, while l "
+                f"grew ×{long / short:.0f} and log2 l ×{log_ratio:.1f}.",
+                "So the work is done a few time steps at a time (a loop over the sequence: "
+                "depth l), not in rounds over whole tensors.",
+                f"A parallel scan runs ceil(log2 l) rounds (Hillis–Steele) or 2·log2 l "
+                f"(Blelloch), each a few operations on whole tensors: its count may grow at "
+                f"most ×{slack * log_ratio:.1f} here."]
+    return structure
+
+
+def tolerance_by_dtype(**tolerances: tuple[float, float]) -> Compare:
+    """A ``compare`` for :func:`check_function` whose (rtol, atol) depends on each expected
+    tensor's dtype (``float32=(1e-4, 1e-4)``); other dtypes keep ``DEFAULT_TOLERANCES``. A tuple
+    output (e.g. ``(out, last_state)``) is compared item by item."""
+    def compare(actual: Any, expected: Any) -> str | None:
+        pairs = [("", actual, expected)]
+        if isinstance(expected, tuple) and isinstance(actual, tuple) \
+                and len(actual) == len(expected):
+            pairs = [(f"[{i}]", a, e) for i, (a, e) in enumerate(zip(actual, expected, strict=True))]
+        lines = []
+        for path, a, e in pairs:
+            dtype = str(getattr(e, "dtype", "")).removeprefix("torch.")
+            rtol, atol = tolerances.get(dtype, (None, None))
+            lines += diff_lines(a, e, rtol=rtol, atol=atol, path=path)
+        return "\n".join(lines) or None
+    return compare
+
+
+# ----------------------------------------------------------------- lab 2.4.1: Mamba inference
+# Each check below is the one a lab's check cell calls: the cases the lab measured plus cases of
+# its own, the common wrong answers it names, and (tests/test_lab_checks.py) proof that each
+# plausible wrong answer fails it.
+
+
+def _kv(config, seq_len, batch, dtype):
+    from effarch import memory
+
+    return memory.kv_cache_bytes(config, seq_len, batch, dtype)
+
+
+def _kv_heads_instead(config, seq_len, batch, dtype):
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return _kv(config, seq_len, batch, dtype) * heads // kv_heads
+
+
+KV_CACHE_MISTAKES = (
+    Mistake("K and V are two tensors per layer: the factor 2 is missing",
+            wrong=lambda cfg, L, b, dtype: _kv(cfg, L, b, dtype) // 2),
+    Mistake("the bytes per element are fixed at 2: read them from dtype (memory.dtype_bytes: "
+            "float32 is 4, an 8-bit cache 1)",
+            wrong=lambda cfg, L, b, dtype: _kv(cfg, L, b, "bfloat16")),
+    Mistake("num_attention_heads used where the cache stores num_key_value_heads (grouped-query "
+            "attention keeps fewer K/V heads)", wrong=_kv_heads_instead),
+    Mistake("the batch is missing: every sequence keeps its own cache",
+            wrong=lambda cfg, L, b, dtype: _kv(cfg, L, 1, dtype)),
+    Mistake("L² instead of L: the cache keeps one K and one V per token, O(n) memory (attention's "
+            "compute is what grows as L²)",
+            wrong=lambda cfg, L, b, dtype: _kv(cfg, L, b, dtype) * L),
+)
+
+
+def check_kv_cache_bytes(student_fn: Callable, cases: Iterable[Case]) -> Callable:
+    """Lab 2.4.1, Exercise B: ``kv_cache_bytes(config, seq_len, batch, dtype)``.
+
+    ``cases``: the lab's cases, those measured on real caches carrying their bytes
+    (``Case.expecting``). Added here: an 8-bit cache (float8, as a quantised KV cache is
+    stored), checked against ``memory.kv_cache_bytes``, so that a hard-coded 2 bytes fails.
+    """
+    import torch
+
+    from effarch import memory
+
+    cases = list(cases)
+    eight_bit = Case(cases[0].args[0], 1000, 3, torch.float8_e4m3fn).hinting(
+        "an 8-bit cache (float8_e4m3fn, as a quantised KV cache is kept): 1 byte per element")
+    return check_function(student_fn, memory.kv_cache_bytes, [*cases, eight_bit],
+                          name="kv_cache_bytes", mistakes=KV_CACHE_MISTAKES)
+
+
+def _ssm_parts(config, batch, dtype, state_dtype, *, channels=None):
+    """(conv bytes, SSM bytes) of a Mamba config's state; ``channels`` replaces d."""
+    from effarch import memory
+
+    d = channels or config.expand * config.hidden_size
+    per = config.num_hidden_layers * batch * d
+    return (per * config.conv_kernel * memory.dtype_bytes(dtype),
+            per * config.state_size * memory.dtype_bytes(state_dtype))
+
+
+SSM_STATE_MISTAKES = (
+    Mistake("d = hidden_size used: Mamba's SSM runs on d_inner = expand · hidden_size channels",
+            wrong=lambda cfg, b, dtype, sd: sum(_ssm_parts(cfg, b, dtype, sd,
+                                                           channels=cfg.hidden_size))),
+    Mistake("h counted in the model's dtype: transformers keeps the SSM state in state_dtype "
+            "(float32, STATE_DTYPE in the lab)",
+            wrong=lambda cfg, b, dtype, sd: sum(_ssm_parts(cfg, b, dtype, dtype))),
+    Mistake("the conv state (b, d, k) is missing",
+            wrong=lambda cfg, b, dtype, sd: _ssm_parts(cfg, b, dtype, sd)[1]),
+    Mistake("the SSM state h (b, d, n) is missing",
+            wrong=lambda cfg, b, dtype, sd: _ssm_parts(cfg, b, dtype, sd)[0]),
+    Mistake("the batch is missing: every sequence keeps its own state",
+            wrong=lambda cfg, b, dtype, sd: sum(_ssm_parts(cfg, 1, dtype, sd))),
+)
+
+
+def check_ssm_state_bytes(student_fn: Callable, cases: Iterable[Case]) -> Callable:
+    """Lab 2.4.1, Exercise B: ``ssm_state_bytes(config, batch, dtype, state_dtype)``; ``cases``
+    as in `check_kv_cache_bytes`."""
+    from effarch import memory
+
+    return check_function(student_fn, memory.ssm_state_bytes, list(cases),
+                          name="ssm_state_bytes", mistakes=SSM_STATE_MISTAKES)
+
+
+DECODE_RATE_MISTAKES = (
+    Mistake("the prefill is counted: decode time is total_s − ttft_s",
+            wrong=lambda total, ttft, b, n: b * (n - 1) / total),
+    Mistake("the first token is counted: it comes from the prefill, so decode made "
+            "new_tokens − 1 per sequence", wrong=lambda total, ttft, b, n: b * n / (total - ttft)),
+    Mistake("the batch is missing: every sequence generates its own tokens",
+            wrong=lambda total, ttft, b, n: (n - 1) / (total - ttft)),
+)
+
+
+def check_decode_tokens_per_s(student_fn: Callable) -> Callable:
+    """Lab 2.4.1, Exercise C: ``decode_tokens_per_s(total_s, ttft_s, batch, new_tokens)``."""
+    from effarch import bench
+
+    cases = [Case(1.0, 0.2, 1, 33), Case(2.5, 0.5, 4, 101), Case(0.3, 0.25, 1, 2),
+             Case(0.9, 0.3, 8, 17)]
+    return check_function(student_fn, bench.decode_tokens_per_s, cases,
+                          name="decode_tokens_per_s", mistakes=DECODE_RATE_MISTAKES)
+
+
+class FakeDevice:
+    """An asynchronous device with a clock, for checking a timing loop without timing anything.
+
+    Work queued on it runs one item after another; ``clock()`` reads the host's time, which
+    catches up with the device's work only in ``synchronize()`` — as with a GPU, where a call
+    returns as soon as its kernels are queued."""
+
+    def __init__(self) -> None:
+        self.now, self.done_at = 0.0, 0.0
+
+    def queue(self, seconds: float) -> None:
+        self.done_at = max(self.done_at, self.now) + seconds
+
+    def clock(self) -> float:
+        return self.now
+
+    def synchronize(self, device: Any = None) -> None:
+        self.now = max(self.now, self.done_at)
+
+
+class FakeDecoder:
+    """A decoder (``prefill`` and ``step``, as ``effarch.decoding.Decoder``) whose work takes
+    known times on a :class:`FakeDevice`: run r's prefill takes ``prefill_s[r]`` and each of its
+    decode steps ``step_s[r]``. Its ``device`` is that FakeDevice."""
+
+    def __init__(self, prefill_s: Iterable[float], step_s: Iterable[float], *, batch: int = 2,
+                 vocab: int = 7) -> None:
+        self.prefill_s, self.step_s = list(prefill_s), list(step_s)
+        self.batch, self.vocab, self.runs = batch, vocab, 0
+        self.device = FakeDevice()
+
+    def _logits(self):
+        import torch
+
+        return torch.zeros(self.batch, self.vocab).index_fill_(1, torch.tensor([3]), 1.0)
+
+    def prefill(self, input_ids, *, attention_mask=None):
+        if self.runs >= len(self.prefill_s):
+            raise RuntimeError(f"prefill called {self.runs + 1} times: more than warmup + "
+                               f"repeats = {len(self.prefill_s)} runs")
+        self.device.queue(self.prefill_s[self.runs])
+        self.runs += 1
+        return self._logits()  # (b, V)
+
+    def step(self, token):
+        shape = tuple(getattr(token, "shape", ()))
+        if self.runs == 0:
+            raise RuntimeError("step() before prefill(): a generation starts with its prefill")
+        if shape != (self.batch,):
+            raise ValueError(f"step() takes one token id per row, shape (b,) = ({self.batch},); "
+                             f"got shape {shape}: pass logits.argmax(-1)")
+        self.device.queue(self.step_s[self.runs - 1])
+        return self._logits()
+
+
+def _timing_case(prefill_s, step_s, *, new_tokens, warmup, repeats) -> Case:
+    import statistics
+
+    import torch
+
+    decoder = FakeDecoder(prefill_s, step_s)
+    expected = (statistics.median(prefill_s[warmup:]), statistics.median(step_s[warmup:]))
+    return Case(decoder, torch.zeros(2, 5, dtype=torch.long), new_tokens=new_tokens,
+                warmup=warmup, repeats=repeats, clock=decoder.device.clock,
+                synchronize=decoder.device.synchronize).expecting(
+        expected, source="the fake model's known times (median of the timed runs' prefill, "
+                         "and of their seconds per decode step)")
+
+
+def _timing_mistake(summarise):
+    """A wrong answer computed from the fake's known times: ``summarise(prefill, step, n)``
+    gets the timed runs' (or, with ``warmup=False`` semantics, the first runs') times."""
+    def wrong(decoder, input_ids, *, new_tokens, warmup, repeats, **_):
+        return summarise(decoder.prefill_s[warmup:], decoder.step_s[warmup:], new_tokens,
+                         decoder.prefill_s[:repeats], decoder.step_s[:repeats])
+    return wrong
+
+
+def _median(xs):
+    import statistics
+
+    return statistics.median(xs)
+
+
+TIMING_MISTAKES = (
+    Mistake("no warm-up: the first, slow runs (compilation, caches, the allocator) are in the "
+            "median — run `warmup` untimed generations first",
+            wrong=_timing_mistake(lambda p, s, n, p0, s0: (_median(p0), _median(s0)))),
+    Mistake("the clock was read without waiting for the device: its work is asynchronous, so "
+            "call synchronize(decoder.device) before every clock reading",
+            wrong=_timing_mistake(lambda p, s, n, p0, s0: (0.0, 0.0))),
+    Mistake("the clock was read without waiting for the device after the prefill: its time "
+            "went into the decode — synchronize before every clock reading",
+            wrong=_timing_mistake(lambda p, s, n, p0, s0: (
+                0.0, _median([(a + (n - 1) * b) / (n - 1) for a, b in zip(p, s, strict=True)])))),
+    Mistake("the prefill is counted in the decode time: start the decode clock after the "
+            "first token",
+            wrong=_timing_mistake(lambda p, s, n, p0, s0: (
+                _median(p), _median([(a + (n - 1) * b) / (n - 1) for a, b in zip(p, s, strict=True)])))),
+    Mistake("the mean, not the median: one slow repeat moves a mean",
+            wrong=_timing_mistake(lambda p, s, n, p0, s0: (sum(p) / len(p), sum(s) / len(s)))),
+    Mistake("decode time divided by new_tokens: the first token came from the prefill, so the "
+            "decode made new_tokens − 1",
+            wrong=_timing_mistake(lambda p, s, n, p0, s0: (
+                _median(p), _median([b * (n - 1) / n for b in s])))),
+)
+
+
+def check_time_generation(student_fn: Callable) -> Callable:
+    """Lab 2.4.1, Exercise C: ``time_generation(decoder, input_ids, *, new_tokens, warmup,
+    repeats, clock, synchronize) -> (ttft_s, decode_s_per_token)``, run on :class:`FakeDecoder`
+    models whose times are known, with the fake device's clock: no wall-clock time is read."""
+    from effarch import bench
+
+    cases = [
+        _timing_case([0.8, 0.010, 0.030, 0.012], [0.05, 0.002, 0.0021, 0.0045],
+                     new_tokens=5, warmup=1, repeats=3),
+        _timing_case([1.2, 0.4, 0.021, 0.020, 0.050, 0.022, 0.019],
+                     [0.09, 0.03, 0.0031, 0.0030, 0.0028, 0.0065, 0.0029],
+                     new_tokens=9, warmup=2, repeats=5),
+    ]
+    return check_function(student_fn, bench.time_prefill_decode, cases,
+                          name="time_generation", mistakes=TIMING_MISTAKES)
+
+
+# -------------------------------------------------------------- lab 2.4.2: Mamba architecture
+
+
+def _discretize_not_transposed(delta, A, B):
+    """B used as (b, 1, n, l) against Δ (b, d, l, 1): runs only when n == l, then wrong."""
+    import torch
+
+    delta = delta.float()[..., None]
+    return torch.exp(delta * A.float()[:, None, :]), delta * B.float()[:, None]
+
+
+def _exp_then_times_A(delta, A, B):
+    import torch
+
+    from effarch import ssm
+
+    return (torch.exp(delta.float()[..., None]) * A.float()[:, None, :],
+            ssm.discretize(delta, A, B)[1])
+
+
+def check_discretize(student_fn: Callable) -> Callable:
+    """Lab 2.4.2, Exercise A: ``discretize(delta, A, B) -> (A_bar, B_bar)``, (b, d, l, n) each."""
+    import torch
+
+    from effarch import ssm
+
+    def cases():  # random shapes and step sizes, from small to large Δ·|A|; one with n == l
+        g = torch.Generator().manual_seed(0)
+        return [Case(torch.rand(b, d, length, generator=g) * s,
+                     -4 * torch.rand(d, n, generator=g) - 0.1,
+                     torch.randn(b, n, length, generator=g))
+                for b, d, length, n, s in [(1, 4, 3, 2, 0.1), (2, 8, 16, 16, 1.0),
+                                           (3, 5, 7, 4, 5.0)]]
+
+    mistakes = (
+        Mistake("B̄ from the exact zero-order hold: Mamba takes the first-order B̄ = Δ·B",
+                wrong=ssm.discretize_zoh_exact),
+        Mistake("B is (b, n, l): transpose it to (b, l, n) before it meets Δ[..., None] "
+                "(b, d, l, 1)", wrong=_discretize_not_transposed,
+                error=r"must match the size of tensor b|shape .* doesn't match|broadcast"),
+        Mistake("Ā = exp(Δ)·A: the exponential is of the product, Ā = exp(Δ·A)",
+                wrong=_exp_then_times_A),
+    )
+    return check_function(student_fn, ssm.discretize, cases, name="discretize",
+                          mistakes=mistakes)
+
+
+_SCAN_PARAMS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus",
+                "return_last_state")
+
+
+def _scan_without(**changes):
+    """The reference scan with some arguments changed (None when they change nothing here)."""
+    def wrong(*args, **kwargs):
+        from effarch import ssm
+
+        call = dict(zip(_SCAN_PARAMS[:len(args)], args, strict=True), **kwargs)
+        if all(call.get(k) is None or call.get(k) is False for k in changes):
+            return None  # the case does not use what the mistake forgets
+        return ssm.selective_scan_ref(**{**call, **changes})
+    return wrong
+
+
+SCAN_MISTAKES = (
+    Mistake("the softplus on Δ is missing (delta_softplus: Δ = softplus(delta + delta_bias))",
+            wrong=_scan_without(delta_softplus=False)),
+    Mistake("delta_bias is missing: it is added to delta before the softplus",
+            wrong=_scan_without(delta_bias=None)),
+    Mistake("the skip D·u is missing", wrong=_scan_without(D=None)),
+    Mistake("the gate is missing: out = y · silu(z)", wrong=_scan_without(z=None)),
+)
+
+
+def check_selective_scan(student_fn: Callable, reference_fn: Callable,
+                         layer_cases: Iterable[dict]) -> Callable:
+    """Lab 2.4.2, Exercise B: ``selective_scan_sequential`` with mamba-ssm's signature.
+
+    ``layer_cases``: scan arguments captured on real layers (the first is also asked for its
+    last state), compared with ``reference_fn`` (transformers' scan). Added here: a small
+    random case without D, z or bias, and a bfloat16 case compared with mamba-ssm's
+    ``selective_scan_ref`` semantics (float32 arithmetic, the state in float32 whatever u's
+    dtype) — a scan that keeps h in bfloat16 fails it.
+    """
+    import torch
+
+    from effarch import ssm
+
+    def cases():
+        g = torch.Generator().manual_seed(1)
+        first, *rest = list(layer_cases)
+        small = Case(torch.randn(2, 6, 9, generator=g), torch.rand(2, 6, 9, generator=g),
+                     -torch.rand(6, 4, generator=g) - 0.5, torch.randn(2, 4, 9, generator=g),
+                     torch.randn(2, 4, 9, generator=g))
+        d, n, length = 16, 8, 200
+        half = dict(u=torch.randn(2, d, length, generator=g), z=torch.randn(2, d, length, generator=g),
+                    delta=torch.randn(2, d, length, generator=g) - 2,
+                    B=torch.randn(2, n, length, generator=g), C=torch.randn(2, n, length, generator=g))
+        half = {k: v.bfloat16() for k, v in half.items()}
+        rest_args = dict(A=-torch.rand(d, n, generator=g) * 0.2 - 0.01, D=torch.randn(d, generator=g),
+                         delta_bias=torch.randn(d, generator=g) * 0.1, delta_softplus=True,
+                         return_last_state=True)
+        bf16 = Case(**half, **rest_args).expecting(
+            ssm.selective_scan_ref(**half, **rest_args),
+            source="mamba-ssm's selective_scan_ref semantics (float32 arithmetic, h float32)"
+        ).hinting("bfloat16 inputs: keep h and the arithmetic in float32 (cast with .float()), "
+                  "return the output in u's dtype and the last state in float32")
+        return [Case(**first, return_last_state=True), *(Case(**c) for c in rest), small, bf16]
+
+    return check_function(student_fn, reference_fn, cases, name="selective_scan_sequential",
+                          compare=tolerance_by_dtype(float32=(1e-4, 1e-4)),
+                          mistakes=SCAN_MISTAKES)
+
+
+def _swapped_scan(a, b, dim=-1):
+    """h_t with the operator's order swapped, (a1·a2, a1·b2 + b1): a plausible wrong answer."""
+    import torch
+
+    a, b = torch.broadcast_tensors(a, b)
+    a, b = a.movedim(dim, -1), b.movedim(dim, -1)
+    k = 1
+    while k < a.shape[-1]:
+        a, b = (torch.cat([a[..., :k], a[..., :-k] * a[..., k:]], -1),
+                torch.cat([b[..., :k], a[..., :-k] * b[..., k:] + b[..., :-k]], -1))
+        k *= 2
+    return b.movedim(-1, dim)
+
+
+def _exclusive_scan(a, b, dim=-1):
+    """h_{t-1} instead of h_t: off by one step."""
+    import torch
+
+    from effarch import ssm
+
+    h = ssm.associative_scan(a, b, dim)[1].movedim(dim, -1)
+    return torch.cat([torch.zeros_like(h[..., :1]), h[..., :-1]], -1).movedim(-1, dim)
+
+
+def parallel_scan_reference(a, b, dim: int = -1):
+    """h_t = a_t·h_{t-1} + b_t (h_0 = 0) along ``dim`` by ``effarch.ssm.associative_scan``
+    (Hillis–Steele): lab 2.4.2's stand-in for a ``parallel_scan`` that did not pass."""
+    from effarch import ssm
+
+    return ssm.associative_scan(a, b, dim)[1]
+
+
+def check_parallel_scan(student_fn: Callable) -> Callable:
+    """Lab 2.4.2, Exercise C: ``parallel_scan(a, b, dim=-1)``: equal to the sequential
+    recurrence on lengths 1, powers of two and not, time in any dimension, a long sequence;
+    and a log-depth structure (:func:`grows_like_log`), so a loop over time fails."""
+    import torch
+
+    def cases():  # a in (0, 1) as Ā is
+        g = torch.Generator().manual_seed(2)
+        shapes = [((5,), -1), ((3, 8), -1), ((2, 7), -1), ((4, 100), 1), ((1, 6, 33, 4), 2)]
+        out = [Case(torch.rand(s, generator=g), torch.randn(s, generator=g), dim=d)
+               for s, d in shapes] + [Case(torch.rand(2, 1), torch.randn(2, 1))]
+        long = Case(torch.rand(2, 1500, generator=g), torch.randn(2, 1500, generator=g))
+        return out + [long.hinting(
+            "1,500 steps: products of many a_t underflow to 0, so a formula that divides by "
+            "cumulative products (cumsum(b / cumprod(a))) breaks here; combine pairs with the "
+            "operator instead")]
+
+    def make(length):
+        g = torch.Generator().manual_seed(length)
+        return Case(torch.rand(2, length, generator=g), torch.randn(2, length, generator=g))
+
+    mistakes = (
+        Mistake("the operator's order is swapped: (a1, b1)∘(a2, b2) = (a1·a2, a2·b1 + b2), the "
+                "earlier pair's b scaled by the later a", wrong=_swapped_scan),
+        Mistake("off by one step: h_t includes b_t (an inclusive scan)", wrong=_exclusive_scan),
+    )
+    return check_function(student_fn, parallel_scan_reference, cases, name="parallel_scan",
+                          mistakes=mistakes, structure=grows_like_log(make, (32, 1024)))
+
+
+def _block(mixer, x, *, causal=True, act=True, softplus=True, bias=True, D=True, gate=True):
+    """A Mamba mixer's forward with parts left out or wrong: the wrong answers of the block
+    exercise (effarch.mixer.mixer_prefill is the right one)."""
+    import torch
+    import torch.nn.functional as F
+
+    from effarch import ssm
+
+    length = x.shape[1]
+    u, z = mixer.in_proj(x).transpose(1, 2).chunk(2, dim=1)                   # (b, d, l)
+    conv = F.conv1d(u, mixer.conv1d.weight, mixer.conv1d.bias,
+                    padding=mixer.conv1d.kernel_size[0] - 1, groups=mixer.conv1d.groups)
+    u = conv[..., :length] if causal else conv[..., -length:]
+    u = mixer.act(u) if act else u
+    r, n = mixer.time_step_rank, mixer.ssm_state_size
+    dt, B, C = torch.split(mixer.x_proj(u.transpose(1, 2)), [r, n, n], dim=-1)
+    y = ssm.selective_scan_ref(u, mixer.dt_proj.weight @ dt.transpose(1, 2),
+                               -torch.exp(mixer.A_log.float()), B.transpose(1, 2),
+                               C.transpose(1, 2), mixer.D.float() if D else None,
+                               z if gate else None, mixer.dt_proj.bias.float() if bias else None,
+                               softplus)
+    return mixer.out_proj(y.transpose(1, 2).to(x.dtype))
+
+
+BLOCK_MISTAKES = (
+    Mistake("the convolution is not causal: pad k − 1 on the left only (keep the first l "
+            "outputs), so step t sees no later token", wrong=lambda m, x: _block(m, x, causal=False)),
+    Mistake("the activation (SiLU) after the convolution is missing",
+            wrong=lambda m, x: _block(m, x, act=False)),
+    Mistake("the softplus on Δ is missing", wrong=lambda m, x: _block(m, x, softplus=False)),
+    Mistake("dt_proj's bias is missing: pass it to the scan as delta_bias",
+            wrong=lambda m, x: _block(m, x, bias=False)),
+    Mistake("the skip D·u is missing", wrong=lambda m, x: _block(m, x, D=False)),
+    Mistake("the gate is missing: y · silu(z), z the second half of in_proj",
+            wrong=lambda m, x: _block(m, x, gate=False)),
+    Mistake("a shape: the scan takes u, delta, z as (b, d, l) and B, C as (b, n, l); x_proj's "
+            "output is (b, l, r + 2n) — a transposed B or C?",
+            error=r"size of tensor|shape|mat1 and mat2|expected .* dim"),
+)
+
+
+def _model_tolerance(module) -> Compare:
+    """float32 models to 1e-4; bfloat16 and float16 ones to their dtype's tolerance, also for
+    the float32 tensors computed from them (Δ and h are rounded inputs' products there)."""
+    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    if dtype == "float32":
+        return tolerance_by_dtype(float32=(1e-4, 1e-4))
+    return tolerance_by_dtype(float32=DEFAULT_TOLERANCES.get(dtype, (3e-2, 5e-2)))
+
+
+def check_mamba_block(student_fn: Callable, cases: Iterable[tuple]) -> Callable:
+    """Lab 2.4.2, Exercise B2: ``mamba_block(mixer, x) -> (b, l, hidden)``, the Mamba block's
+    forward from a real layer's weights, compared with that ``MambaMixer``'s own output.
+    ``cases``: (mixer, x) pairs, x (b, l, hidden) in the model's dtype."""
+    import torch
+
+    case_list = [Case(mixer, x).expecting(_mixer_output(mixer, x),
+                                          source="the real MambaMixer's output on the same x")
+                 for mixer, x in cases]
+    with torch.no_grad():
+        return check_function(student_fn, _mixer_output, case_list, name="mamba_block",
+                              compare=_model_tolerance(case_list[0].args[0]),
+                              mistakes=BLOCK_MISTAKES)
+
+
+def _mixer_output(mixer, x):
+    """The mixer's own forward (transformers), no cache: the block exercise's stand-in."""
+    import torch
+
+    with torch.no_grad():
+        out = mixer(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_states(fn: Callable) -> Callable:
+    """Run a decode step on copies of the states; return (output, conv_state, ssm_state) as the
+    step left them, so a step that does not write its states in place is seen."""
+    def run(mixer, x, conv_state, ssm_state):
+        import torch
+
+        conv, state = conv_state.clone(), ssm_state.clone()
+        with torch.no_grad():
+            out = fn(mixer, x, conv, state)
+        return out, conv, state
+    return run
+
+
+def _step(mixer, x, conv_state, ssm_state, *, shift_left=True, softplus=True, bias=True,
+          D=True, gate=True, in_place=True):
+    """One decode step with parts left out or wrong (effarch.mixer.mixer_step is the right one)."""
+    import torch
+    import torch.nn.functional as F
+
+    xs, z = mixer.in_proj(x).chunk(2, dim=-1)
+    window = torch.cat([conv_state[..., 1:], xs[..., None]], -1) if shift_left \
+        else torch.cat([xs[..., None], conv_state[..., :-1]], -1)
+    u = (window * mixer.conv1d.weight[:, 0]).sum(-1)
+    u = mixer.act(u + mixer.conv1d.bias if mixer.conv1d.bias is not None else u)
+    r, n = mixer.time_step_rank, mixer.ssm_state_size
+    dt, B, C = torch.split(mixer.x_proj(u), [r, n, n], dim=-1)
+    dt = (mixer.dt_proj(dt) if bias else dt @ mixer.dt_proj.weight.T).float()
+    dt = F.softplus(dt) if softplus else dt
+    h = torch.exp(dt[..., None] * -torch.exp(mixer.A_log.float())) * ssm_state \
+        + (dt * u.float())[..., None] * B.float()[:, None, :]
+    y = (h @ C.float()[..., None])[..., 0] + (mixer.D.float() * u.float() if D else 0)
+    y = y * F.silu(z.float()) if gate else y
+    if in_place:
+        conv_state.copy_(window)
+        ssm_state.copy_(h)
+    return mixer.out_proj(y.to(x.dtype))
+
+
+STEP_MISTAKES = (
+    Mistake("the states are not updated in place: write the new window into conv_state and h "
+            "into ssm_state (copy_, mul_, add_), as a cache does",
+            wrong=_with_states(lambda m, x, c, s: _step(m, x, c, s, in_place=False))),
+    Mistake("the conv window shifted the wrong way: drop the oldest column (index 0) and put "
+            "the new input last (index −1)",
+            wrong=_with_states(lambda m, x, c, s: _step(m, x, c, s, shift_left=False))),
+    Mistake("the softplus on Δ is missing", wrong=_with_states(
+        lambda m, x, c, s: _step(m, x, c, s, softplus=False))),
+    Mistake("dt_proj's bias is missing (dt_proj(Δ) includes it)", wrong=_with_states(
+        lambda m, x, c, s: _step(m, x, c, s, bias=False))),
+    Mistake("the skip D·u is missing", wrong=_with_states(
+        lambda m, x, c, s: _step(m, x, c, s, D=False))),
+    Mistake("the gate is missing: y · silu(z)", wrong=_with_states(
+        lambda m, x, c, s: _step(m, x, c, s, gate=False))),
+)
+
+
+def check_mamba_step(student_fn: Callable, records: Iterable) -> Callable:
+    """Lab 2.4.2, Exercise B3: ``mamba_step(mixer, x, conv_state, ssm_state) -> (b, hidden)``,
+    one decode step that updates the states in place, compared with what transformers computed
+    and left in its cache (``effarch.hooks.record_decode_step``)."""
+    from effarch.mixer import mixer_step
+
+    records = list(records)
+    cases = [Case(r.mixer, r.x, r.conv_state, r.ssm_state).expecting(
+        (r.output, r.new_conv_state, r.new_ssm_state),
+        source="transformers' decode step: the layer's output, then the conv and SSM states "
+               "its cache holds after the step") for r in records]
+    student = _with_states(student_fn)
+    chosen = check_function(student, _with_states(mixer_step), cases, name="mamba_step",
+                            compare=_model_tolerance(records[0].mixer), mistakes=STEP_MISTAKES)
+    return student_fn if chosen is student else mixer_step
+
+
 # ------------------------------------------------------------------------------- comparison
 
 
@@ -288,13 +1038,20 @@ def _at(path: str, text: str) -> list[str]:
 
 
 def _describe(x: Any) -> str:
-    """A short description: shape and dtype for tensors and arrays, a clipped repr otherwise."""
+    """A short description: shape and dtype for tensors and arrays, a function's or a method's
+    name, a class name for objects whose repr is long or not meant to be read (a config, a
+    module), a clipped repr otherwise."""
     shape = getattr(x, "shape", None)
     if shape is not None and hasattr(x, "dtype") and not isinstance(x, numbers.Number):
         kind = "tensor" if type(x).__module__.startswith("torch") else type(x).__name__
         dtype = str(x.dtype).removeprefix("torch.")
         return f"{kind} {tuple(shape)} {dtype}"
-    return _repr.repr(x)
+    if callable(x) and hasattr(x, "__qualname__"):
+        return x.__qualname__
+    text = _repr.repr(x)
+    if "\n" in text or text.startswith("<"):
+        return type(x).__name__
+    return text
 
 
 def _call_args(args: tuple, kwargs: dict) -> str:

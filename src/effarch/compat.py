@@ -7,7 +7,7 @@ The GPU machine runs transformers 5.17, the CPU machines 5.24; both must work.
 | the cache a Mamba forward takes and returns | ``cache_params=`` / ``out.cache_params`` | ``cache=`` / ``out.cache`` (old names warn) |
 | the cache an attention model takes and returns | ``past_key_values=`` | ``cache=`` (``past_key_values`` still accepted) |
 | a Mamba cache's tensors | ``MambaCache.conv_states`` / ``.ssm_states`` lists | ``DynamicCache.layers[i].conv_states`` / ``.recurrent_states`` |
-| asking a cache for a layer's state | ``has_previous_state(layer)`` | also ``get_recurrent_state(layer)`` |
+| asking a cache for a layer's state | ``has_previous_state(layer)`` | also ``get_recurrent_state(layer)``, ``get_conv_state(layer)`` |
 | which scan a Mamba mixer calls | bound once at import: mamba-ssm's kernel, else the PyTorch reference | same, through ``use_kernel_func_from_hub_with_fallback`` |
 
 Nothing here imports transformers at module import.
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import re
 
 # The keyword a forward takes its cache by, newest first: 5.24 answers to every name (the old
 # ones with a deprecation warning), 5.17 to the name in its signature only.
@@ -85,6 +87,18 @@ def recurrent_state(cache, layer_idx: int):
     return cache.ssm_states[layer_idx]
 
 
+def conv_state(cache, layer_idx: int):
+    """A layer's conv state (b, d, k) held by a cache: 5.24's ``get_conv_state``, or 5.17's
+    ``conv_states`` list (``MambaCache``, Jamba's hybrid cache)."""
+    get_state = getattr(cache, "get_conv_state", None)
+    if get_state is not None:
+        return get_state(layer_idx)
+    layers = getattr(cache, "layers", None)
+    if layers and hasattr(layers[layer_idx], "conv_states"):
+        return layers[layer_idx].conv_states[0]
+    return cache.conv_states[layer_idx]
+
+
 def resolved_to_package(fn) -> bool | None:
     """Did transformers' ``use_kernel_func_from_hub_with_fallback`` (5.x,
     ``integrations/hub_kernels.py``) bind ``fn`` to the package's kernel (True) or to its
@@ -97,6 +111,52 @@ def resolved_to_package(fn) -> bool | None:
         if fn is None:
             return None
     return None
+
+
+# Messages whose advice cannot apply on a machine without CUDA: transformers' "install mamba-ssm /
+# causal-conv1d" (4.x: "fast path is not available"); both packages need a CUDA GPU to install.
+_KERNEL_ADVICE = r"falling back to its reference PyTorch implementation|fast path is not available"
+_KERNEL_LOGGERS = ("transformers.integrations.hub_kernels", "transformers.models.mamba.modeling_mamba")
+# bitsandbytes' CPU backend, at import on a CPU with AVX512-BF16: advice for 4-bit inference on
+# the CPU, which the course never runs (load_model quantises on CUDA only).
+_BNB_CPU_ADVICE = r"Failed to load CPU gemm_4bit_forward"
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def _drop(logger_name: str, pattern: str) -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropMatching) and f.pattern.pattern == pattern
+               for f in logger.filters):
+        logger.addFilter(_DropMatching(pattern))
+
+
+def hide_inapplicable_warnings(*, cuda: bool | None = None) -> list[str]:
+    """Hide library warnings whose advice cannot apply here; return one sentence per kind hidden
+    (a lab prints them, so nothing is hidden silently). ``cuda`` defaults to whether a CUDA GPU
+    is visible: with one, transformers' advice to install mamba-ssm stays (it can apply)."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    _drop(_BNB_CPU_LOGGER, _BNB_CPU_ADVICE)
+    hidden = ["bitsandbytes' 'Failed to load CPU gemm_4bit_forward … pip install kernels': advice "
+              "for 4-bit inference on a CPU, which this course never runs"]
+    if not cuda:
+        for name in _KERNEL_LOGGERS:
+            _drop(name, _KERNEL_ADVICE)
+        hidden.append("transformers' 'falling back to its reference PyTorch implementation … "
+                      "install mamba_ssm / causal_conv1d': both need a CUDA GPU, so the PyTorch "
+                      "path is the only one here (effarch.backends.mamba_path names it)")
+    return hidden
 
 
 def transformers_version() -> str:

@@ -40,13 +40,40 @@ def _device_lines() -> list[str]:
 def _bitsandbytes_status() -> str:
     import torch
 
+    from effarch import backends, compat
+
+    installed = backends.package_version("bitsandbytes")
+    if not installed:
+        return "no (not installed)"
+    if not torch.cuda.is_available():  # not imported: its CPU backend's advice would only confuse
+        return "installed, but 8/4-bit model loading needs a CUDA GPU: not usable here"
+    compat.hide_inapplicable_warnings(cuda=True)
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:
         return f"no ({exc.__class__.__name__}: {str(exc).splitlines()[0][:80]})"
-    if not torch.cuda.is_available():
-        return "imports, but 8/4-bit model loading needs a CUDA GPU: not usable here"
     return "yes"
+
+
+def _mamba_lines() -> list[str]:
+    """The Mamba packages installed, then ONE answer per way of running the profile's Mamba:
+    the path it will take here, and why."""
+    import torch
+
+    from effarch import backends, models
+
+    def version(package: str) -> str:
+        found = backends.package_version(package)
+        return "not installed" if not found else "installed" if found is True else found
+
+    name = models.name_for("mamba")
+    path, why = backends.transformers_mamba_path(models.get_config(name))
+    fast = backends.fast_path_description(cuda=torch.cuda.is_available()).removeprefix("yes: ")
+    return [f"mamba packages: mamba-ssm {version('mamba_ssm')}, causal-conv1d "
+            f"{version('causal_conv1d')}, mambapy {version('mambapy')}",
+            f"mamba paths for this profile's Mamba ({name}), whole prompts:",
+            f"  through transformers: {path} — {why}",
+            f"  through effarch.fast: {fast}"]
 
 
 def _model_lines() -> list[str]:
@@ -63,15 +90,14 @@ def _model_lines() -> list[str]:
 
 
 def doctor_lines() -> list[str]:
-    from effarch import backends, profile, registry
+    from effarch import profile, registry
 
     lines = [f"python: {sys.version.split()[0]} on {platform.machine()} ({platform.system()})"]
     lines += [f"{p}: {_version(p)}" for p in PACKAGES]
     lines += _device_lines()
     lines.append(f"hub: {'reachable' if registry.hub_reachable() else 'offline (not reachable)'}")
     lines.append(profile.get_profile().describe())
-    lines.append("mamba paths:")
-    lines += [f"  {k}: {v}" for k, v in backends.available_mamba_paths().items()]
+    lines += _mamba_lines()
     lines.append(f"bitsandbytes usable: {_bitsandbytes_status()}")
     lines.append("models:")
     lines += _model_lines()

@@ -25,9 +25,8 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 
-from effarch.mixer import conv_tail, mixer_prefill
+from effarch.mixer import conv_tail, mixer_prefill, mixer_step
 from effarch.ssm import prepare_delta, readout, selective_scan_ref
 
 BACKENDS = ("auto", "triton", "chunked", "reference")
@@ -306,24 +305,9 @@ class MambaFastGenerator:
         """One token for every row: reads self.token, updates the states in place."""
         h = self.model.backbone.embeddings(self.token)                      # (b, H)
         for i, blk in enumerate(self.layers):
-            mx = blk.mixer
             x = _rms_norm(h, blk.norm.weight, self.eps)
-            xs, z = mx.in_proj(x).chunk(2, dim=-1)                          # (b, d) each
-            conv = self.conv[i]
-            conv.copy_(torch.cat([conv[..., 1:], xs[..., None]], dim=-1))
-            xs = (conv * mx.conv1d.weight[:, 0]).sum(-1)
-            if mx.conv1d.bias is not None:
-                xs = xs + mx.conv1d.bias
-            xs = F.silu(xs)
-            dt, B, C = torch.split(mx.x_proj(xs), [self.rank, self.n, self.n], dim=-1)
-            dt = F.softplus(mx.dt_proj(dt).float())                         # (b, d)
-            state = self.ssm[i]
-            state.mul_(torch.exp(dt[..., None] * self._A[i]))
-            state.add_((dt * xs.float())[..., None] * B.float()[:, None, :])
-            y = (state @ C.float()[..., None])[..., 0] + mx.D.float() * xs.float()
-            y = (y * F.silu(z.float())).to(self.dtype)
             res = h.float() if self.cfg.residual_in_fp32 else h
-            h = res + mx.out_proj(y)
+            h = res + mixer_step(blk.mixer, x, self.conv[i], self.ssm[i], A=self._A[i])
         h = _rms_norm(h, self.model.backbone.norm_f.weight, self.eps)
         return self.model.lm_head(h.to(self.dtype)).float()
 

@@ -22,11 +22,14 @@ from functools import partial
 
 import torch
 
+from effarch import compat
 from effarch.compat import has_previous_state, mixer_inputs
+from effarch.decoding import TransformersDecoder, inference
 from effarch.mixer import mixer_prefill
-from effarch.ssm import selective_scan_states
+from effarch.ssm import selective_scan_ref, selective_scan_states
 
-__all__ = ["SSMCapture", "SSMTrace", "capture_ssm", "find_ssm_mixers", "recompute_mixer"]
+__all__ = ["DecodeStep", "SSMCapture", "SSMTrace", "capture_mixer_inputs", "capture_ssm",
+           "find_ssm_mixers", "recompute_mixer", "record_decode_step", "scan_arguments"]
 
 
 # ================================================================ SSM internals (Mamba, Jamba)
@@ -102,6 +105,93 @@ def recompute_mixer(mixer: torch.nn.Module, hidden_states: torch.Tensor, attenti
     states, delta = run.scan_result
     return run.output, {"u": run.u, "delta": delta, "A": run.A, "B": run.B, "C": run.C,
                         "state": states}
+
+
+@torch.no_grad()
+def scan_arguments(mixer: torch.nn.Module, hidden_states: torch.Tensor) -> dict:
+    """The arguments a Mamba mixer hands its selective scan for ``hidden_states`` (b, l, hidden),
+    in mamba-ssm's signature and in float32 (lab 2.4.2, Part B): u, delta (before bias and
+    softplus), z (b, d, l); A (d, n); B, C (b, n, l); D, delta_bias (d,); delta_softplus."""
+    seen = {}
+
+    def scan(u, delta, A, B, C, *, D, z, delta_bias, delta_softplus):
+        seen.update(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+    mixer_prefill(mixer, hidden_states, scan=scan)
+    args = {k: v.detach().float() for k, v in seen.items() if v is not None}
+    return {**args, "delta_softplus": True}
+
+
+@torch.no_grad()
+def capture_mixer_inputs(model: torch.nn.Module, input_ids: torch.Tensor,
+                         layers) -> dict[int, torch.Tensor]:
+    """Run ``model`` once on ``input_ids`` (b, l) and return ``{layer: the input its Mamba mixer
+    received}``, (b, l, hidden), detached; the hooks are removed afterwards."""
+    mixers, seen, handles = find_ssm_mixers(model), {}, []
+
+    def keep(layer, module, args, kwargs):
+        seen[layer] = mixer_inputs(args, kwargs)[0].detach()
+
+    try:
+        for layer in layers:
+            handles.append(mixers[layer].register_forward_pre_hook(partial(keep, layer),
+                                                                   with_kwargs=True))
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@dataclass
+class DecodeStep:
+    """One decode step of one Mamba layer, as transformers ran it (lab 2.4.2, Part B)."""
+
+    mixer: torch.nn.Module
+    x: torch.Tensor  # (b, hidden) the mixer's input for the new token
+    conv_state: torch.Tensor  # (b, d, k) the cache's conv state before the step
+    ssm_state: torch.Tensor  # (b, d, n) the cache's SSM state h before the step
+    output: torch.Tensor  # (b, hidden) the mixer's output
+    new_conv_state: torch.Tensor  # (b, d, k) the cache's conv state after the step
+    new_ssm_state: torch.Tensor  # (b, d, n) after the step
+
+
+def record_decode_step(model: torch.nn.Module, input_ids: torch.Tensor,
+                       layers) -> dict[int, DecodeStep]:
+    """Prefill ``input_ids[:, :-1]`` (b, l) through transformers with a cache, then feed the last
+    token as one decode step, recording for each Mamba layer in ``layers`` its input and output
+    and the cache's conv and SSM states before and after the step (clones, on the model's
+    device)."""
+    mixers = find_ssm_mixers(model)
+    decoder, seen, handles = TransformersDecoder(model), {}, []
+
+    def before(layer, module, args, kwargs):
+        seen[layer] = {"x": mixer_inputs(args, kwargs)[0].detach()[:, -1].clone()}
+
+    def after(layer, module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        seen[layer]["output"] = out.detach()[:, -1].clone()
+
+    def states(layer):
+        return (compat.conv_state(decoder.cache, layer).detach().clone(),
+                compat.recurrent_state(decoder.cache, layer).detach().clone())
+
+    with inference(decoder):
+        decoder.prefill(input_ids[:, :-1])
+        start = {layer: states(layer) for layer in layers}
+        try:
+            for layer in layers:
+                handles += [mixers[layer].register_forward_pre_hook(partial(before, layer),
+                                                                    with_kwargs=True),
+                            mixers[layer].register_forward_hook(partial(after, layer),
+                                                                with_kwargs=True)]
+            decoder.step(input_ids[:, -1])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {layer: DecodeStep(mixers[layer], seen[layer]["x"], *start[layer],
+                                  seen[layer]["output"], *states(layer)) for layer in layers}
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from effarch import compat
 GiB = 1024**3
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
-                "float64": 8, "int8": 1, "8bit": 1, "4bit": 0.5}
+                "float64": 8, "int8": 1, "uint8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+                "8bit": 1, "4bit": 0.5}
 
 
 class InsufficientMemoryError(MemoryError):

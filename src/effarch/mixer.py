@@ -89,3 +89,41 @@ def mixer_prefill(mixer: torch.nn.Module, hidden_states: torch.Tensor, *, scan: 
     out = mixer.out_proj(y.transpose(1, 2).to(dtype))  # (b, l, hidden)
     return MixerPrefill(output=out, conv_input=x, u=u, delta=dt, A=A, B=B, C=C, z=z,
                         scan_result=extra)
+
+
+def mixer_step(mixer: torch.nn.Module, x: torch.Tensor, conv_state: torch.Tensor,
+               ssm_state: torch.Tensor, *, A: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step of a Mamba mixer: one token per row, the states updated in place.
+
+    What transformers' ``MambaMixer`` does for a token with a cache (``causal_conv1d_update``,
+    then ``selective_state_update``), in mamba-ssm's arithmetic (Δ and h in float32):
+    1. ``in_proj`` into x_t and the gate z_t;
+    2. the conv window drops its oldest column and takes x_t; the depthwise convolution is one
+       dot product per channel over that window, then the activation: u_t;
+    3. ``x_proj`` into Δ_t (rank r), B_t, C_t; Δ_t = softplus(dt_proj(Δ_t)) (bias included);
+       h ← exp(Δ_t A) h + Δ_t B_t u_t;  y_t = C_t · h + D u_t;  y_t · silu(z_t);
+    4. ``out_proj``.
+
+    Args:
+        x: (b, hidden) the mixer's input for this token.
+        conv_state: (b, d, k) the last k conv inputs, oldest first; updated in place.
+        ssm_state: (b, d, n) float32, h_{t-1}; updated in place to h_t.
+        A: (d, n) precomputed -exp(A_log), or None.
+    Returns:
+        (b, hidden) in x's dtype.
+    """
+    xs, z = mixer.in_proj(x).chunk(2, dim=-1)                                  # (b, d) each
+    conv_state.copy_(torch.cat([conv_state[..., 1:], xs[..., None]], dim=-1))  # (b, d, k)
+    u = (conv_state * mixer.conv1d.weight[:, 0]).sum(-1)                       # (b, d)
+    if mixer.conv1d.bias is not None:
+        u = u + mixer.conv1d.bias
+    u = mixer.act(u)
+    r, n = mixer.time_step_rank, mixer.ssm_state_size
+    dt, B, C = torch.split(mixer.x_proj(u), [r, n, n], dim=-1)                # (b, r), (b, n) x2
+    dt = F.softplus(mixer.dt_proj(dt).float())                                 # (b, d)
+    A = -torch.exp(mixer.A_log.float()) if A is None else A                    # (d, n)
+    ssm_state.mul_(torch.exp(dt[..., None] * A))
+    ssm_state.add_((dt * u.float())[..., None] * B.float()[:, None, :])
+    y = (ssm_state @ C.float()[..., None])[..., 0] + mixer.D.float() * u.float()  # (b, d)
+    y = (y * F.silu(z.float())).to(x.dtype)
+    return mixer.out_proj(y)

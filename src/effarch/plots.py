@@ -168,6 +168,60 @@ def scan_timings(lengths: Sequence[int], timings: Mapping[str, Sequence[object]]
                   grid_minor=True)
 
 
+# (x, y, text) of the Mamba block's boxes, and the arrows between them: (from, to, label, the
+# point of each box they leave and reach, as fractions of its box) (lab 2.4.2, Part B)
+_BLOCK_BOXES = {
+    "x": (0.0, 1.0, "x\n(b, l, H)"),
+    "in_proj": (1.4, 1.0, "in_proj\nH → 2d"),
+    "conv": (3.1, 1.9, "conv1d: causal,\ndepthwise, kernel k"),
+    "act": (4.7, 1.9, "SiLU"),
+    "x_proj": (6.1, 3.0, "x_proj\nd → r + 2n"),
+    "dt_proj": (8.0, 3.0, "dt_proj: r → d\n+ bias, softplus"),
+    "scan": (9.4, 1.9, "selective scan (A, D)\nh_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t\n"
+                       "y_t = C_t · h_t + D u_t"),
+    "gate_act": (4.7, 0.2, "SiLU"),
+    "mul": (9.4, 0.2, "×"),
+    "out_proj": (11.0, 0.2, "out_proj\nd → H"),
+    "out": (12.6, 0.2, "output\n(b, l, H)"),
+}
+_RIGHT, _LEFT, _TOP, _BOTTOM = (1, 0.5), (0, 0.5), (0.5, 1), (0.5, 0)
+_BLOCK_ARROWS = [
+    ("x", "in_proj", "", _RIGHT, _LEFT), ("in_proj", "conv", "x (b, d, l)", _RIGHT, _LEFT),
+    ("conv", "act", "", _RIGHT, _LEFT), ("act", "x_proj", "u", _TOP, _LEFT),
+    ("x_proj", "dt_proj", "Δ (b, l, r)", _RIGHT, _LEFT),
+    ("dt_proj", "scan", "Δ (b, d, l)", _BOTTOM, (0.75, 1)),
+    ("x_proj", "scan", "B, C (b, n, l)", _BOTTOM, (0.3, 1)),
+    ("act", "scan", "u (b, d, l)", _RIGHT, _LEFT),
+    ("in_proj", "gate_act", "z (b, d, l)", _RIGHT, _LEFT),
+    ("gate_act", "mul", "silu(z)", _RIGHT, _LEFT), ("scan", "mul", "y", _BOTTOM, _TOP),
+    ("mul", "out_proj", "", _RIGHT, _LEFT), ("out_proj", "out", "", _RIGHT, _LEFT)]
+
+
+def mamba_block_diagram(ax=None):
+    """The Mamba block's mixer as transformers' ``MambaMixer`` computes it (Gu & Dao 2023,
+    Fig. 3; the residual connection and the RMSNorm before the mixer are outside it), with the
+    shapes of lab 2.4.2: b batch, l length, H hidden, d = expand · H channels, n state size,
+    r Δ's rank, k the conv kernel. A (d, n) = −exp(A_log) and D (d,) are parameters."""
+    fig, ax = _figure(ax, size=(14, 4.4))
+    ax.set_xlim(-0.6, 13.4)
+    ax.set_ylim(-0.4, 3.6)
+    ax.axis("off")
+    boxes = {}
+    for key, (x, y, text) in _BLOCK_BOXES.items():
+        face, edge = ("#fdf1e3", "#c77b1a") if key == "scan" else ("#eef3fb", "#3b6fb6")
+        boxes[key] = ax.text(x, y, text, ha="center", va="center", fontsize=8,
+                             bbox=dict(boxstyle="round,pad=0.4", fc=face, ec=edge))
+    for start, end, label, leave, reach in _BLOCK_ARROWS:
+        ax.annotate("", xy=reach, xycoords=boxes[end], xytext=leave, textcoords=boxes[start],
+                    arrowprops=dict(arrowstyle="-|>", color="#555", shrinkA=4, shrinkB=4))
+        if label:
+            (x0, y0, _), (x1, y1, _) = _BLOCK_BOXES[start], _BLOCK_BOXES[end]
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.15, label, fontsize=7, color="#333",
+                    ha="center")
+    ax.set_title("The Mamba block (transformers' MambaMixer): what Exercises B2 and B3 compute")
+    return fig
+
+
 def explore(fn: Callable, **controls) -> None:
     """Draw ``fn()`` — its default view, from its default arguments — then ipywidgets controls
     (``interact``'s abbreviations: ``(1, 64)`` a slider, a list a dropdown) that redraw it below
