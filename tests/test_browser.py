@@ -55,12 +55,7 @@ class KnownIssue(Exception):
 
 # lab file → (pattern every problem matches, the reason). A strict xfail: when the issue is
 # fixed the test passes, pytest reports XPASS as a failure, and the entry is removed.
-KNOWN = {
-    "lab-2.4.2-mamba-architecture.ipynb": (
-        r"NameError: name 'traces' is not defined",
-        "the last cell deletes `traces`, which the Δ heatmap's controls read: moving them after "
-        "Run All raises NameError (fixed in the lab's content, not here)"),
-}
+KNOWN: dict[str, tuple[str, str]] = {}
 
 
 def _param(path: Path):
