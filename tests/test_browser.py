@@ -261,8 +261,9 @@ def _move(page, control) -> str:
     if "widget-slider" in classes:
         handle = control.locator(".noUi-handle").first
         before = handle.get_attribute("aria-valuenow")
+        at_max = before is not None and before == handle.get_attribute("aria-valuemax")
         handle.focus()
-        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")  # a move that changes it
         return f"slider {label!r} {before} → {handle.get_attribute('aria-valuenow')}"
     if "widget-dropdown" in classes:
         select = control.locator("select")
