@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,10 +40,10 @@ import transformers
 from accelerate import PartialState
 from transformers import set_seed
 
-from effarch import finetune, models, plots
+from effarch import bench, finetune, models, plots
 from effarch.finetune import FinetuneError, TrainSettings
 
-RESUME_KEYS = ("model", "weights", "task", "settings")
+RESUME_KEYS = ("model", "weights", "quantization", "task", "settings")
 TROUBLE_RESUME = "See TROUBLESHOOTING.md, section 'Interrupted training and resume'."
 
 
@@ -52,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="tiny-mamba", help="registry name (default tiny-mamba)")
     ap.add_argument("--weights", choices=("pretrained", "random"), default="pretrained",
                     help="random: the real config with random weights (memory and speed only)")
+    ap.add_argument("--quantization", choices=("4bit",), default=None,
+                    help="QLoRA: the frozen base in 4-bit NF4 (a CUDA GPU and bitsandbytes)")
     ap.add_argument("--task", default="dates", help="a folder of data/tasks (default dates)")
     ap.add_argument("--output", type=Path, required=True, help="folder for the adapter and run")
     ap.add_argument("--max-steps", type=int, default=d.max_steps)
@@ -83,8 +86,8 @@ def settings_from(args) -> TrainSettings:
 
 
 def run_record(args, settings: TrainSettings) -> dict:
-    return {"model": args.model, "weights": args.weights, "task": args.task,
-            "settings": settings.as_dict()}
+    return {"model": args.model, "weights": args.weights, "quantization": args.quantization,
+            "task": args.task, "settings": settings.as_dict()}
 
 
 def check_output(args, record: dict) -> None:
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     record = run_record(args, settings)
     try:
         check_processes(state)
+        if args.quantization and finetune.qlora_unavailable():
+            raise FinetuneError(finetune.qlora_unavailable())
         finetune.validate_targets(settings.targets, models.get_config(args.model).model_type)
         check_output(args, record)  # every process, before any of them writes
     except FinetuneError as exc:
@@ -152,11 +157,10 @@ def train(args, settings: TrainSettings, state: PartialState) -> int:
     device = state.device
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     set_seed(settings.seed)
-    loaded = models.load_model(args.model, weights=args.weights, dtype=dtype, device=str(device))
-    tok = loaded.tokenizer
+    base, tok = load_base(args, dtype, device)
     spec = models.as_spec(args.model)
-    loaded.model.name_or_path = spec.hub_id or spec.name  # what adapter_config.json names
-    model = finetune.add_lora(loaded.model, finetune.lora_config(settings.rank, settings.targets))
+    base.name_or_path = spec.hub_id or spec.name  # what adapter_config.json names
+    model = finetune.add_lora(base, finetune.lora_config(settings.rank, settings.targets))
     path = finetune.use_parallel_scan(model)
     with state.main_process_first():
         task = finetune.load_task(args.task)
@@ -172,17 +176,33 @@ def train(args, settings: TrainSettings, state: PartialState) -> int:
               f"process(es); Mamba path: {path}; LoRA r={settings.rank} on "
               f"{','.join(settings.targets)}: {sum(counts.values()):,} trainable parameters "
               f"{counts}" + (f"; resuming from {resume}" if resume else ""), flush=True)
+    bench.reset_peak_memory(device)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
+    peak = bench.peak_memory_bytes(device) if device.type == "cuda" else None
     trainer.save_model(str(args.output))
     if not state.is_main_process:
         return 0
     return report(args, settings, trainer, model, tok, task["test"], output.metrics, seconds,
-                  path, state)
+                  path, state, peak)
 
 
-def report(args, settings, trainer, model, tok, test, metrics, seconds, path, state) -> int:
+def load_base(args, dtype, device):
+    """The frozen base model and its tokenizer: as served (float32 on a CPU, bf16 on a GPU), or
+    in 4-bit NF4 for QLoRA, prepared with PEFT's ``prepare_model_for_kbit_training``."""
+    if not args.quantization:
+        return tuple(models.load_model(args.model, weights=args.weights, dtype=dtype,
+                                       device=str(device)))
+    from peft import prepare_model_for_kbit_training
+
+    with tempfile.TemporaryDirectory(prefix="finetune-4bit-") as workdir:
+        model, tok = finetune.load_4bit(args.model, weights=args.weights, workdir=workdir)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tok
+
+
+def report(args, settings, trainer, model, tok, test, metrics, seconds, path, state,
+           peak) -> int:
     (args.output / "train_log.json").write_text(
         json.dumps(trainer.state.log_history, indent=1) + "\n")
     model = trainer.accelerator.unwrap_model(model)
@@ -201,6 +221,7 @@ def report(args, settings, trainer, model, tok, test, metrics, seconds, path, st
         "input_tokens_per_second": round(tokens / metrics["train_runtime"], 1) if tokens else None,
         "exact_match_base": base.score, "exact_match_adapter": tuned.score,
         "eval_rows": tuned.n, "adapter_bytes": size, "model_weight_bytes": weights,
+        "peak_allocated_bytes": peak,
         "examples": [list(r) for r in tuned.rows[:5]],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": _version("peft"), "accelerate": _version("accelerate"),
@@ -213,6 +234,11 @@ def report(args, settings, trainer, model, tok, test, metrics, seconds, path, st
           f"eval loss {_last(trainer, 'eval_loss')}")
     for line in tuned.examples(3):
         print("  " + line)
+    if peak is not None:
+        print(f"peak memory allocated while training: {plots.format_bytes(peak)} "
+              "(torch.cuda.max_memory_allocated)")
+    if args.weights == "random":
+        print("random weights: the exact match below is meaningless; memory and speed are real")
     print(f"adapter: {args.output / 'adapter_model.safetensors'} and its config, {size:,} bytes "
           f"({size / weights:.1%} of the model's {weights:,} bytes of weights)")
     print(f"exact match: base {base.percent:.0f}% -> adapter {tuned.percent:.0f}% "

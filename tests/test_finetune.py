@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -137,6 +136,7 @@ def test_dt_proj_adapter_is_bypassed_and_x_proj_is_not(tok):
     assert x.max_output_change > 1e-3 and x.forward_calls == model.config.num_hidden_layers
     assert all(g and g > 0 for g in x.gradient_norms.values())
     assert not finetune.lora_matrices(model)  # unloaded
+    assert all(p.requires_grad for p in model.parameters())  # as it was
 
 
 def test_gradient_check_on_lora(batch):

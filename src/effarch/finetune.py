@@ -329,11 +329,12 @@ def adapter_effect(model, target: str, input_ids: torch.Tensor, *, seed: int = 0
     """Wrap ``target`` with a LoRA adapter whose ``lora_B`` is random (not zero, so a called
     adapter must change the output), then measure the largest change of the logits against the
     adapter disabled, the adapter's gradient norms (``None``: not in the graph) and how often
-    its forward ran. The adapter is removed afterwards (``unload``); the base model is returned
-    unchanged."""
+    its forward ran. The adapter is removed afterwards (``unload``) and every weight's
+    ``requires_grad`` restored: the model is left as it was."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     cfg = lora_config(4, [target])
     cfg.init_lora_weights = False  # random A and B: a nonzero update B·A
     peft_model = get_peft_model(model, cfg)
@@ -358,6 +359,8 @@ def adapter_effect(model, target: str, input_ids: torch.Tensor, *, seed: int = 0
         path = bench.mamba_path(peft_model)
         peft_model.unload()
         model.eval()
+        for n, p in model.named_parameters():  # PEFT froze the base: give back what it had
+            p.requires_grad_(trainable.get(n, p.requires_grad))
     return BypassReport(target, change, grads, len(calls), path)
 
 
@@ -667,10 +670,11 @@ def qlora_unavailable() -> str | None:
 
 
 def load_4bit(name: str, *, weights: str = "pretrained", workdir=None):
-    """The model in 4-bit NF4 (``BitsAndBytesConfig``, bf16 compute) with the registry's
-    skipped modules (Mamba: ``dt_proj``, read as a raw weight by the mixer, and ``lm_head``) kept
-    in bf16. Random weights are built at the real config, saved to ``workdir`` and read back
-    quantised — ``from_pretrained`` is where transformers quantises."""
+    """``(model, tokenizer)`` with the model in 4-bit NF4 (``BitsAndBytesConfig``, bf16 compute)
+    and the registry's skipped modules (Mamba: ``dt_proj``, read as a raw weight by the mixer,
+    and ``lm_head``) kept in bf16. Random weights are built at the real config, saved to
+    ``workdir`` and read back quantised — ``from_pretrained`` is where transformers quantises —
+    with the zoo's tokenizer standing in."""
     reason = qlora_unavailable()
     if reason:
         raise FinetuneError(reason)
@@ -679,20 +683,22 @@ def load_4bit(name: str, *, weights: str = "pretrained", workdir=None):
     from effarch import models
 
     if weights == "pretrained":
-        return models.load_model(name, quantization="4bit").model
+        return tuple(models.load_model(name, quantization="4bit"))
     spec = models.as_spec(name)
     if workdir is None:
         raise FinetuneError("random weights are written to disk before 4-bit loading: pass "
                             "workdir= (a folder with room for the bf16 weights)")
-    built = models.load_model(spec, weights="random", dtype=torch.bfloat16, device="cuda").model
+    built, tokenizer = models.load_model(spec, weights="random", dtype=torch.bfloat16,
+                                         device="cuda")
     built.save_pretrained(workdir)
     del built
     models.unload()
     qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=torch.bfloat16,
                               llm_int8_skip_modules=list(spec.skip_quantization) or None)
-    return AutoModelForCausalLM.from_pretrained(workdir, quantization_config=qcfg,
-                                                device_map={"": "cuda"}, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(workdir, quantization_config=qcfg,
+                                                 device_map={"": "cuda"}, dtype=torch.bfloat16)
+    return model, tokenizer
 
 
 # ------------------------------------------------------------------------------------- sweep
