@@ -188,6 +188,14 @@ def test_exact_match_cuts_at_the_first_newline_and_strips(tok, continuation, hit
     assert em.score == float(hit) and em.n == 1
 
 
+def test_qlora_is_skipped_with_the_reason_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = finetune.qlora_unavailable()
+    assert reason and "'QLoRA on the CPU'" in reason
+    with pytest.raises(finetune.FinetuneError, match="QLoRA on the CPU"):
+        finetune.load_4bit("mamba-2.8b", weights="random", workdir="/nonexistent")
+
+
 def test_base_model_does_not_know_the_task(tok, task):
     em = finetune.exact_match(fresh_model(), tok, task["test"], limit=10)
     assert em.n == 10 and em.score < 0.3
@@ -447,6 +455,7 @@ def test_script_writes_a_loadable_adapter_and_ends_with_exact_match(short_run):
     (("--resume", "--rank", 4), "these differ"),
     (("--overwrite", "--targets", "in_proj,out_proj"), "PEFT refuses"),
     (("--overwrite", "--targets", "dt_proj"), "never train"),
+    (("--overwrite", "--quantization", "4bit"), "QLoRA on the CPU"),
 ])
 def test_script_refusals_touch_nothing(short_run, extra, words):
     out, _ = short_run

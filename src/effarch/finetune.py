@@ -656,11 +656,12 @@ def quantized_modules(model) -> dict[str, int]:
 
 
 def qlora_unavailable() -> str | None:
-    """Why 4-bit QLoRA cannot run here (``None`` when it can): it needs a CUDA GPU and
-    bitsandbytes."""
+    """Why the course does not run 4-bit QLoRA here (``None`` when it does): it runs it on a
+    CUDA GPU with bitsandbytes. (bitsandbytes 0.50 also quantises on a CPU, slowly; the course
+    measures QLoRA's saving as GPU memory.)"""
     if not torch.cuda.is_available():
-        return ("QLoRA loads the base model in 4 bits through bitsandbytes, which needs a CUDA "
-                f"GPU; none is visible. {TROUBLE} 'QLoRA on the CPU'.")
+        return ("QLoRA is measured on the GPU path (bitsandbytes' CUDA kernels, the allocator's "
+                f"peak) and no CUDA GPU is visible here. {TROUBLE} 'QLoRA on the CPU'.")
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # ImportError or a broken native library
