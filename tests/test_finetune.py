@@ -516,3 +516,29 @@ def test_accelerate_cpu_launch_of_one_process_is_refused(tmp_path):
     assert r.returncode != 0 and "torchrun --nproc_per_node" in r.stderr
     assert "'Several processes on a CPU'" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -------------------------------------------------------------------------------------- plots
+
+
+def test_lab_246_plots_draw_what_they_are_given():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from effarch import plots
+
+    curve = {"train": [(1, 6.0), (10, 1.5), (20, 0.5)], "eval": [(20, 0.6)]}
+    fig = plots.loss_curves({"run": curve}, device="cpu", title="Live run")
+    ax = fig.axes[0]
+    assert [line.get_ydata().tolist() for line in ax.lines] == [[6.0, 1.5, 0.5], [0.6]]
+    assert ax.get_title().startswith("Live run\nCPU")
+    summaries = {"LoRA": {"weights": 2**20, "gradients": 0, "optimizer": 0, "activations": 2**21},
+                 "full": {"weights": 2**20, "gradients": 2**20, "optimizer": 2**21,
+                          "activations": 2**21}}
+    fig = plots.training_memory(summaries, device="cpu")
+    tops = [p.get_y() + p.get_height() for p in fig.axes[0].patches]
+    assert max(tops) == 6.0  # MiB: the full fine-tuning bar, stacked
+    fig = plots.lora_sweep(_sweep(), device="cpu")
+    left, right = fig.axes
+    assert len(left.lines) == 3 and right.get_ylabel().endswith("(KiB)")
+    matplotlib.pyplot.close("all")

@@ -738,6 +738,8 @@ def sweep(make_model, tokenizer, train, test, configs: Sequence[tuple[Sequence[s
     from tqdm.auto import tqdm
     from transformers import set_seed
 
+    from effarch import models
+
     rows = []
     for targets, rank in tqdm(list(configs), desc="sweep", disable=not progress):
         label = f"{','.join(targets)} r={rank}"
@@ -759,4 +761,6 @@ def sweep(make_model, tokenizer, train, test, configs: Sequence[tuple[Sequence[s
                      "state_bytes": counted.trainable_state, "activation_bytes":
                      counted.activations, "eval_loss": eval_loss,
                      "train_s": seconds, "path": path})
+        del trainer, model  # before the next config's model: one at a time
+        models.unload()
     return pd.DataFrame(rows)
