@@ -38,8 +38,8 @@ DEFAULT_TARGETS = ("in_proj", "x_proj")
 """The mixer's linear layers that are called as modules on transformers' PyTorch path."""
 MAMBA_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 PEFT_REFUSES = ("out_proj", "conv1d")
-"""PEFT (≥ 0.17) raises for these on Mamba-family models: fused kernels pass their raw weights,
-bypassing an adapter's forward (huggingface/peft#2556, PR #2562)."""
+"""PEFT raises for these on Mamba-family models (since huggingface/peft PR #2562, for issue
+#2556): fused kernels pass their raw weights, bypassing an adapter's forward."""
 MAX_NEW_TOKENS = 32
 TROUBLE = "See TROUBLESHOOTING.md, section"
 IGNORE_INDEX = -100  # labels the loss skips (PyTorch's cross-entropy default)
@@ -286,8 +286,9 @@ def gradient_check(model, batch: dict[str, torch.Tensor], *, lr: float = 1e-3) -
 
 def use_parallel_scan(model) -> str:
     """Train through mambapy's parallel scan where mambapy is installed (transformers'
-    ``use_mambapy``: ~20× faster than the sequential loop for a CPU training step); returns the
-    Mamba path that now runs (``bench.mamba_path``). Nothing changes where mambapy is missing."""
+    ``use_mambapy``; much faster than the sequential loop for a training step on a CPU); returns
+    the Mamba path that now runs (``bench.mamba_path``). Nothing changes where mambapy is
+    missing."""
     if bench._mambapy_available():
         inner = getattr(model, "get_base_model", lambda: model)()
         inner.config.use_mambapy = True
