@@ -27,7 +27,7 @@ import numbers
 import reprlib
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from effarch import profile
@@ -1447,3 +1447,100 @@ def check_same_expert_rate(student_fn: Callable, *, name: str = "same_expert_rat
         return "\n".join(_same_expert_diagnosis(actual, expected, by_value[expected])) or None
 
     return check_function(student_fn, reference, cases=cases, name=name, compare=compare)
+
+# ------------------------------------------------------------------ lab 2.4.6: LoRA on Mamba
+
+
+def check_lora_model(student_fn: Callable, reference_fn: Callable, *,
+                     make_model: Callable[[], Any], batch: Mapping[str, Any],
+                     ranks: Sequence[int] = (4, 8), name: str | None = None) -> Callable:
+    """Check ``student_fn(model, rank)``, which must return ``model`` wrapped with LoRA adapters
+    of rank ``rank`` on ``in_proj`` and ``x_proj`` (lab 2.4.6). For each rank, on a fresh model
+    from ``make_model()``: a PEFT model comes back (not the bare model, which would fully
+    fine-tune); its trainable parameters per module are ``r·in`` (``lora_A``) and ``out·r``
+    (``lora_B``) for every layer's ``in_proj`` and ``x_proj`` and nothing else; after one
+    optimiser step on ``batch`` every LoRA matrix gets a non-zero gradient, and the base weights
+    have not moved. Returns ``student_fn`` if every rank passes, else ``reference_fn``."""
+    name = name or getattr(student_fn, "__name__", "exercise")
+    for rank in ranks:
+        model = make_model()
+        try:
+            wrapped = student_fn(model, rank)
+        except NotImplementedError as exc:
+            return _finish(_not_attempted(name, exc), reference_fn)
+        except Exception as exc:  # PEFT's refusal of out_proj lands here, with a hint
+            hint = [] if "Mamba" not in str(exc) else [
+                "PEFT refuses out_proj and conv1d on Mamba models: target in_proj and x_proj"]
+            return _finish(_raised(name, exc, f"rank {rank}", hint), reference_fn, exc)
+        problems = _lora_problems(wrapped, model.config, rank, batch)
+        if problems:
+            return _finish(CheckResult(name, "fail", f"rank {rank}: the adapters are not what "
+                                       "LoRA on in_proj and x_proj should be", tuple(problems)),
+                           reference_fn)
+    return _finish(CheckResult(
+        name, "pass", f"ranks {', '.join(map(str, ranks))}: LoRA parameters per module as "
+        "expected, a gradient on every LoRA matrix after one step, base weights unchanged"),
+        student_fn)
+
+
+def _lora_problems(wrapped: Any, config: Any, rank: int, batch: Mapping[str, Any]) -> list[str]:
+    from effarch import finetune
+
+    if not hasattr(wrapped, "peft_config"):
+        total = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+        return [f"got a {type(wrapped).__name__} without adapters: {total:,} parameters would "
+                "train — full fine-tuning. The LoRA wrapping is missing: return "
+                "peft.get_peft_model(model, config)"]
+    got = finetune.trainable_by_module(wrapped)
+    want = finetune.expected_lora_counts(config, rank)
+    if got != want:
+        return [f"trainable parameters by module: got {got}", f"expected {want}",
+                *_lora_hints(got, want, config, rank)]
+    report = finetune.gradient_check(wrapped, batch)
+    problems = []
+    if report.no_gradient:
+        problems.append(f"{len(report.no_gradient)} LoRA matrices got no gradient after one "
+                        f"step on the path that runs ({report.path}), e.g. "
+                        f"{report.no_gradient[0]}")
+    if report.base_changed:
+        problems.append(f"base weights changed in training: {report.base_changed[:3]}")
+    return problems
+
+
+def _lora_hints(got: dict, want: dict, config: Any, rank: int) -> list[str]:
+    """The likely causes of trainable counts that differ from LoRA's on in_proj and x_proj."""
+    hints = []
+    base = [k for k in got if ".lora_" not in k]
+    if base:
+        hints.append(f"base weights are trainable ({', '.join(base)}): LoRA trains the adapters "
+                     "only and keeps the model frozen")
+    if any(k.startswith("dt_proj.") for k in got):
+        hints.append("dt_proj is targeted: transformers' mixer reads dt_proj.weight directly, "
+                     "so its adapter is never called and never trains")
+    missing = sorted({k.split(".")[0] for k in want} - {k.split(".")[0] for k in got})
+    if missing:
+        hints.append(f"no adapter on {', '.join(missing)}: target in_proj and x_proj")
+    if not hints and got.keys() == want.keys():
+        per_layer = config.num_hidden_layers * config.hidden_size
+        hints.append(f"the adapters have rank {got['in_proj.lora_A'] // per_layer}, not {rank}: "
+                     "pass r=rank to LoraConfig")
+    return hints
+
+
+def check_sweep_reading(student_fn: Callable, reference_fn: Callable, sweep: Any, *,
+                        name: str | None = None) -> Callable:
+    """Check a function that reads a rank/targets sweep (lab 2.4.6) on the measured ``sweep``
+    and on three variants built from it, so that an answer copied from this run's table, or read
+    from the wrong column, fails: the smallest adapters given the lowest losses; the largest
+    ones given the lowest, with only the two largest within 10% of the best; the bytes tripled.
+    Returns ``student_fn`` if it agrees with ``reference_fn`` on all four, else ``reference_fn``."""
+    order = sweep["trainable"].rank(method="first").astype(int).tolist()  # 1 = fewest
+    low, n = float(sweep["eval_loss"].min()), len(sweep)
+    small_best, big_best, tripled = sweep.copy(), sweep.copy(), sweep.copy()
+    small_best["eval_loss"] = [low * (1 + 0.25 * (k - 1)) for k in order]
+    factors = [1.0, 1.05] + [1.3 + 0.3 * i for i in range(n)]
+    big_best["eval_loss"] = [low * factors[n - k] for k in order]
+    tripled["state_bytes"] = sweep["state_bytes"] * 3
+    return check_function(student_fn, reference_fn,
+                          cases=[Case(sweep), Case(small_best), Case(big_best), Case(tripled)],
+                          name=name or getattr(student_fn, "__name__", "exercise"))

@@ -331,4 +331,76 @@ def token_experts(experts, tokens: Sequence[str], *, n_experts: int, row_labels:
     ax.set_title(f"{title} — {device_name(device)}")
     fig.colorbar(im, ax=ax, label="first-choice expert",
                  ticks=range(0, n_experts, max(1, n_experts // 16)))
+
+def _two_line_title(ax, title: str, device: str) -> None:
+    """The title on one line and the machine it was measured on below it (narrow panels)."""
+    ax.set_title(f"{title}\n{device_name(device)}", fontsize=10)
+
+
+def loss_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], *, device: str,
+                title: str = "LoRA fine-tuning", ax=None):
+    """Training loss (lines) and held-out loss (markers) against the optimiser step, one colour
+    per run (lab 2.4.6). ``curves`` maps a label to ``{"train": [(step, loss)], "eval": [...]}``
+    as ``effarch.finetune.loss_curve`` returns; ``device`` names where the runs were measured
+    (a device string, or a description of another machine)."""
+    fig, ax = _figure(ax)
+    for i, (label, curve) in enumerate(curves.items()):
+        color = f"C{i}"
+        if curve.get("train"):
+            steps, losses = zip(*curve["train"], strict=True)
+            ax.plot(steps, losses, color=color, label=f"{label}: training loss")
+        if curve.get("eval"):
+            steps, losses = zip(*curve["eval"], strict=True)
+            ax.plot(steps, losses, "o--", color=color, label=f"{label}: held-out loss")
+    ax.set_yscale("log")
+    _label(fig, ax, "optimiser step", "loss on the answer tokens (nats per token, log)", title,
+           device)
+    _two_line_title(ax, title, device)
+    return fig
+
+
+def training_memory(summaries: Mapping[str, Mapping[str, float]], *, device: str, ax=None):
+    """Stacked bars of one training step's counted bytes, in MiB — weights, gradients, optimiser
+    state, activations saved for the backward pass — one bar per setup (lab 2.4.6).
+    ``summaries`` maps a label to ``effarch.finetune.StepBytes.summary()``."""
+    fig, ax = _figure(ax)
+    parts = ("weights", "gradients", "optimizer", "activations")
+    labels = list(summaries)
+    bottom = [0.0] * len(labels)
+    for part in parts:
+        values = [float(summaries[lab].get(part, 0)) / 2**20 for lab in labels]
+        ax.bar(labels, values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for x, total in enumerate(bottom):
+        ax.annotate(format_bytes(total * 2**20), (x, total), ha="center", va="bottom", fontsize=8)
+    return _label(fig, ax, "setup", "MiB (counted)", "Memory of one training step", device)
+
+
+def lora_sweep(sweep, *, device: str, axes=None):
+    """Lab 2.4.6's rank/targets sweep: held-out loss against trainable parameters (left) and
+    training-state KiB against rank (right), one marker per config. ``sweep`` is the DataFrame
+    ``effarch.finetune.sweep`` returns."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    else:
+        fig = axes[0].figure
+    left, right = axes
+    for i, (targets, group) in enumerate(sweep.groupby("targets", sort=False)):
+        left.plot(group["trainable"], group["eval_loss"], "o-", color=f"C{i}", label=targets)
+        right.plot(group["rank"], group["state_bytes"] / 1024, "o-", color=f"C{i}",
+                   label=targets)
+        for _, row in group.iterrows():
+            left.annotate(f"r={row['rank']}", (row["trainable"], row["eval_loss"]), fontsize=8,
+                          xytext=(3, 3), textcoords="offset points")
+    left.set_xscale("log")
+    right.set_xscale("log", base=2)
+    _label(fig, left, "trainable parameters (log scale)", "held-out loss (nats per answer token)",
+           "Quality against adapter size", device)
+    _label(fig, right, "LoRA rank r (log scale)", "weights + gradients + AdamW state (KiB)",
+           "Training state against rank", device)
+    _two_line_title(left, "Quality against adapter size", device)
+    _two_line_title(right, "Training state against rank", device)
+    fig.tight_layout()
     return fig
