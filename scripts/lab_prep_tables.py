@@ -19,15 +19,21 @@ ROOT = paths.repo_root()
 
 
 def model_table() -> str:
-    rows = ["| model | hub id | parameters (total) | active per token | bf16 | 8-bit | 4-bit |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| model | hub id | parameters (total) | active per token | bf16 | 8-bit (bnb) "
+            "| 4-bit (bnb) | FP8 | in `nn.Linear` (what bnb quantises) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, spec in registry.REGISTRY.items():
         if not spec.config:
             continue
-        pc = memory.count_params(registry.get_config(spec))
-        gb = [memory.estimate_weights_bytes(name, "bfloat16", q) / 1e9 for q in (None, "8bit", "4bit")]
+        cfg = registry.get_config(spec)
+        pc = memory.count_params(cfg)
+        gb = [memory.estimate_weights_bytes(name, "bfloat16", q) / 1e9
+              for q in (None, "8bit", "4bit", "fp8")]
+        skip = spec.skip_quantization or None
+        share = memory.quantized_footprint(cfg, "4bit", skip_modules=skip).quantized_share
         rows.append(f"| {name} | `{spec.hub_id}` | {pc.total / 1e9:.2f} B | {pc.active / 1e9:.2f} B"
-                    f" | {gb[0]:.1f} GB | {gb[1]:.1f} GB | {gb[2]:.1f} GB |")
+                    f" | {gb[0]:.1f} GB | {gb[1]:.1f} GB | {gb[2]:.1f} GB | {gb[3]:.1f} GB"
+                    f" | {share:.1%} |")
     return "\n".join(rows)
 
 

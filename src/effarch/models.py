@@ -165,16 +165,24 @@ def load_model(name: str | ModelSpec, *, weights: str = "pretrained", dtype=None
                      trust_remote_code=trust_remote_code, force=force)
 
 
-def _estimate(cfg, dtype, quantization=None) -> int | None:
+def _estimate(cfg, dtype, quantization=None, skip=None, notes=None) -> int | None:
+    name = str(dtype).replace("torch.", "")
+    if quantization is not None:
+        try:  # the modules bitsandbytes replaces, from a meta-device build of the config
+            return memory.estimate_weights_bytes(cfg, name, quantization, skip_modules=skip)
+        except Exception as exc:  # never guess low: size it unquantised instead
+            if notes is not None:
+                notes.append(f"memory checked as if unquantised (quantised size unknown: "
+                             f"{type(exc).__name__})")
     try:
-        return memory.estimate_weights_bytes(cfg, str(dtype).replace("torch.", ""), quantization)
+        return memory.estimate_weights_bytes(cfg, name)
     except Exception:  # a family the formula does not know: no estimate, no guard
         return None
 
 
 def _guard(spec: ModelSpec, cfg, *, dtype, quantization, device: str, force: bool,
            notes: list[str]) -> None:
-    needed = _estimate(cfg, dtype, quantization)
+    needed = _estimate(cfg, dtype, quantization, list(spec.skip_quantization) or None, notes)
     if needed is None:
         notes.append("memory not checked: no footprint formula for this family")
         return
