@@ -505,6 +505,52 @@ def quantized_footprint(cfg, quantization: str, dtype="bfloat16", *,
                               tuple(names), tuple(skips))
 
 
+@dataclass(frozen=True)
+class WeightGroup:
+    """The weights of one kind of module in a loaded model, as stored."""
+
+    module_type: str   # e.g. "OlmoeExperts", "Linear4bit", "Linear"
+    modules: int
+    tensors: int
+    bytes: int         # the tensors' own bytes (bitsandbytes 4-bit: packed, two weights a byte)
+    scale_bytes: int   # quantisation scales kept beside them (bitsandbytes absmax / SCB)
+    dtypes: tuple[str, ...]
+
+
+def _scale_bytes(p) -> int:
+    """Bytes of the scales bitsandbytes keeps beside a quantised weight (outside the tensor)."""
+    total = 0
+    state = getattr(p, "quant_state", None)  # Params4bit: absmax (+ nested state) and the code
+    for name in ("absmax", "code"):
+        t = getattr(state, name, None)
+        total += t.numel() * t.element_size() if hasattr(t, "element_size") else 0
+    scb = getattr(p, "SCB", None)            # Int8Params: one float32 scale per output row
+    total += scb.numel() * scb.element_size() if hasattr(scb, "element_size") else 0
+    return total
+
+
+def weights_by_module_type(model) -> list[WeightGroup]:
+    """A loaded model's parameters grouped by the type of the module that holds them, with
+    their dtypes and bytes as stored (each tensor once): what a quantiser really changed."""
+    groups: dict[str, dict] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for p in own)
+        g = groups.setdefault(type(module).__name__, dict(modules=0, tensors=0, bytes=0,
+                                                          scale_bytes=0, dtypes=set()))
+        g["modules"] += 1
+        g["tensors"] += len(own)
+        g["bytes"] += sum(p.numel() * p.element_size() for p in own)
+        g["scale_bytes"] += sum(_scale_bytes(p) for p in own)
+        g["dtypes"] |= {str(p.dtype).removeprefix("torch.") for p in own}
+    return sorted((WeightGroup(name, g["modules"], g["tensors"], g["bytes"], g["scale_bytes"],
+                               tuple(sorted(g["dtypes"]))) for name, g in groups.items()),
+                  key=lambda w: -w.bytes)
+
+
 # --- inference state: the KV cache of attention layers and the state of Mamba layers --------
 
 
