@@ -653,3 +653,20 @@ def measure_cache_bytes(cache) -> CacheBytes:
             if t.numel():
                 dtypes[kind] = str(t.dtype).removeprefix("torch.")
     return CacheBytes(sizes["key_value"], sizes["conv"], sizes["ssm"], dtypes, len(seen))
+
+
+# --- kept measurements of quantised loading -----------------------------------------------
+
+PROBE_FILE = "probe_quantization_h200.json"
+
+
+def kept_quantization_probe(name: str = PROBE_FILE) -> dict | None:
+    """The kept output of ``scripts/probe_quantization.py --json`` in ``data/measurements/``
+    (model, device, versions, one row per mode with the GPU memory a load left allocated and
+    effarch's estimate), or None when no run was kept."""
+    import json
+
+    from effarch import paths
+
+    path = paths.measurements_dir() / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

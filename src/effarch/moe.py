@@ -722,6 +722,35 @@ def capacity_dispatch(indices, num_experts: int, capacity_factor: float, *,
                     torch.bincount(indices.reshape(-1), minlength=num_experts))
 
 
+def capacity_sweep(index, weights, num_experts: int, factors, *, dispatch=None) -> list[dict]:
+    """Token dropping at each capacity factor of ``factors``, in position order and by
+    priority (each token's largest weight), over one layer's routing: the share of assignments
+    dropped, of tokens that lost every assignment, and of the routing weight that was dropped.
+
+    Args:
+        index, weights: (T, k) experts chosen and their weights.
+        dispatch: a ``(indices, E, capacity_factor) -> (capacity, kept)`` function for the
+            position order (the lab's exercise); :func:`capacity_dispatch` by default.
+    """
+    index, weights = torch.as_tensor(index), torch.as_tensor(weights).float()
+    rows = []
+    for cf in factors:
+        for order in ("position", "priority"):
+            if order == "position" and dispatch is not None:
+                cap, kept = dispatch(index, num_experts, cf)
+                kept = torch.as_tensor(kept).bool()
+            else:
+                prio = weights.max(-1).values if order == "priority" else None
+                d = capacity_dispatch(index, num_experts, cf, priority=prio)
+                cap, kept = d.capacity, d.kept
+            rows.append(dict(
+                capacity_factor=cf, order=order, capacity=int(cap),
+                assignments_dropped=float(1 - kept.float().mean()),
+                tokens_dropped=float((~kept.any(-1)).float().mean()),
+                weight_dropped=float((weights * ~kept).sum() / weights.sum())))
+    return rows
+
+
 # --- interventions on a real model's routing ------------------------------------------------
 
 

@@ -358,3 +358,22 @@ def load_over_steps(runs: Mapping[str, object], *, device: str, title: str = "Ex
     fig.suptitle(f"{title} — {device_name(device)}")
     fig.tight_layout()
     return fig
+
+
+def capacity_bars(load, kept, capacity: int, *, layer: int, capacity_factor: float, device: str,
+                  ax=None):
+    """One MoE layer's assignments per expert at a capacity: kept (solid) and dropped (hatched)
+    against the capacity C (lab 2.4.4, Part C). ``load``, ``kept``: (E,) counts."""
+    import numpy as np
+
+    load, kept = np.asarray(load), np.asarray(kept)
+    e = len(load)
+    fig, ax = _figure(ax, size=(min(max(6.0, 0.3 * e + 2), 16), 3.6))
+    x = np.arange(e)
+    ax.bar(x, kept, label="kept")
+    ax.bar(x, load - kept, bottom=kept, hatch="//", alpha=0.5, label="dropped")
+    ax.axhline(capacity, color="black", linestyle="--", label=f"capacity C = {capacity}")
+    ax.axhline(load.sum() / e, color="grey", linestyle=":", label="even share T·k/E")
+    ax.set_xticks(x[:: max(1, e // 16)])
+    return _label(fig, ax, "expert", "assignments",
+                  f"Layer {layer}, capacity factor {capacity_factor:g}", device)
