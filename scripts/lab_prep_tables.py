@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Generate the documents' tables (never typed by hand): LAB_PREP.md's model table from effarch's
-registry, and the per-lab full-profile table of README.md and LAB_PREP.md from the kept runs
+registry, its quantisation-probe table from the kept ``scripts/probe_quantization.py`` run, and
+the per-lab full-profile table of README.md and LAB_PREP.md from the kept runs
 (``data/measurements/full_profile_runs.jsonl``, written by ``scripts/run_full_profile.py``).
 
     python scripts/lab_prep_tables.py          # rewrite the tables
@@ -37,6 +38,26 @@ def model_table() -> str:
     return "\n".join(rows)
 
 
+def probe_table() -> str:
+    """The kept run of scripts/probe_quantization.py (data/measurements/), or a line saying
+    there is none yet."""
+    probe = memory.kept_quantization_probe()
+    if probe is None:
+        return ("(no kept run yet: `scripts/probe_quantization.py --json "
+                f"data/measurements/{memory.PROBE_FILE}` on a GPU writes it)")
+    rows = [f"{probe['model']}, {probe['layers']} layers, random weights, on {probe['device_name']} "
+            f"(torch {probe['torch']}, transformers {probe['transformers']}), kept in "
+            f"`data/measurements/{memory.PROBE_FILE}`:", "",
+            "| load | GPU memory allocated | peak during the load | effarch's estimate | "
+            "measured ÷ estimate | forward pass |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in probe["rows"]:
+        fwd = f"{r['forward_ms']:.0f} ms" if "forward_ms" in r else r.get("forward_error", "—")
+        rows.append(f"| {r['mode']} | {r['allocated'] / 1e9:.2f} GB | "
+                    f"{r['peak_during_load'] / 1e9:.2f} GB | {r['estimate'] / 1e9:.2f} GB | "
+                    f"{r['allocated'] / r['estimate']:.3f} | {fwd} |")
+    return "\n".join(rows)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     """Put ``body`` between the document's ``<!-- BEGIN/END GENERATED: name -->`` markers."""
     begin, end = f"<!-- BEGIN GENERATED: {name} -->", f"<!-- END GENERATED: {name} -->"
@@ -52,6 +73,7 @@ def documents() -> dict[Path, str]:
     table = runs.runs_table(runs.read_runs())
     lab_prep = (ROOT / "LAB_PREP.md").read_text(encoding="utf-8")
     lab_prep = replace_block(lab_prep, "model table", model_table())
+    lab_prep = replace_block(lab_prep, "quantisation probe", probe_table())
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     return {ROOT / "LAB_PREP.md": replace_block(lab_prep, "full-profile runs", table),
             ROOT / "README.md": replace_block(readme, "full-profile runs", table)}

@@ -8,6 +8,7 @@ quantizers, on the installed transformers (5.17 on the GPU machine, 5.24 here).
 
 import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,28 @@ def test_estimate_without_a_name_uses_transformers_default_skips():
 def test_unknown_quantization_is_refused():
     with pytest.raises(ValueError, match="quantization must be one of"):
         memory.quantized_footprint(models.get_config("olmoe-1b-7b"), "3bit")
+
+
+def test_probe_script_smoke_on_the_cpu(tmp_path):
+    """The probe's parts that need no GPU: the selection, the save, a bf16 reload and its
+    figures (quantised modes are skipped with a reason on the CPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(root / "scripts" / "probe_quantization.py"),
+                          "--device", "cpu", "--small", "--modes", "bf16,4bit,fp8",
+                          "--out", str(tmp_path), "--json", str(tmp_path / "probe.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "4bit: transformers replaces" in out.stdout and "experts" in out.stdout
+    assert "4bit: skipped — quantised loading needs a CUDA GPU" in out.stdout
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    (row,) = probe["rows"]
+    assert row["mode"] == "bf16" and "forward_ms" in row
+    assert sum(g["bytes"] for g in row["groups"]) == row["estimate"] <= row["footprint"]  # + buffers
+    assert {g["module_type"] for g in row["groups"]} >= {"OlmoeExperts", "Linear"}
+    assert not (tmp_path / "checkpoint").exists()  # the checkpoint is removed after the run

@@ -4,6 +4,7 @@ lab's checks against plausible wrong answers. Runs on transformers 5.17 and 5.24
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -363,3 +364,58 @@ def test_capacity_check_passes_a_right_answer(lenient):
     assert _last().status == "pass"
     fn = checks.check_capacity(lambda *a: (_ for _ in ()).throw(NotImplementedError("Exercise")))
     assert _last().status == "skip" and fn(*checks.capacity_cases()[0])[0] == 12
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dispatch_equals_a_plain_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    t, k, e = 60, 1 + seed % 3, 6
+    index = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    prio = torch.rand(t, generator=g)
+    for priority in (None, prio):
+        order = range(t) if priority is None else sorted(range(t), key=lambda i: -float(prio[i]))
+        cap, taken = moe.expert_capacity(t, k, e, 0.8), [0] * e
+        kept = torch.zeros(t, k, dtype=torch.bool)
+        for j in range(k):
+            for i in order:
+                kept[i, j] = taken[int(index[i, j])] < cap
+                taken[int(index[i, j])] += 1
+        assert torch.equal(moe.capacity_dispatch(index, e, 0.8, priority=priority).kept, kept)
+
+
+def test_router_plots_draw_and_name_the_device():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from effarch import plots
+
+    rng = np.random.default_rng(0)
+    load = rng.dirichlet(np.ones(8), size=2)
+    figs = [plots.layer_loads({"a L0": load[0], "a L1": load[1]}, device="cpu"),
+            plots.capacity_curves([0.5, 1.0, 2.0], {"x": [0.5, 0.1, 0.0]}, device="cpu"),
+            plots.topk_quality([1, 2, 4], {"m": [20.0, 15.0, 14.0]}, trained_k=2, device="cpu"),
+            plots.capacity_bars(np.array([30, 10, 5, 3]), np.array([12, 10, 5, 3]), 12, layer=0,
+                                capacity_factor=1.0, device="cpu")]
+    for fig in figs:
+        assert plots.device_name("cpu") in fig.axes[0].get_title()
+        plt.close(fig)
+    steps = rng.dirichlet(np.ones(16), size=40)                        # (steps, E)
+    fig = plots.load_over_steps({"off": steps, "on": steps}, device="cpu")
+    assert len(fig.axes) == 2 and plots.device_name("cpu") in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_train_moe_block_is_seeded_and_records_every_step():
+    g = np.random.default_rng(0)
+    ids, val = g.integers(0, 50, 2000), g.integers(0, 50, 500)
+    table = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    a = moe.train_moe_block(ids, table, val, aux_coef=0.01, seed=3, steps=12, num_experts=4,
+                            batch=64)
+    b = moe.train_moe_block(ids, table, val, aux_coef=0.01, seed=3, steps=12, num_experts=4,
+                            batch=64)
+    assert a.load.shape == (12, 4) and np.allclose(a.load.sum(1), 1) and len(a.aux) == 12
+    assert np.array_equal(a.load, b.load) and a.val_mse == b.val_mse
+    assert 0 <= a.starved() <= 4 and a.val_load.shape == (4,)

@@ -1,7 +1,5 @@
-"""Mixture of experts: parameter counts and routing statistics (lab 2.4.3).
-
-Lab 2.4.4 adds the router half here (a reference top-k router, the load-balancing loss, capacity
-dispatch): the sections below keep room for it.
+"""Mixture of experts: parameter counts and routing statistics (lab 2.4.3), and the router
+half (lab 2.4.4).
 
 Letters: T tokens (batch × sequence, flattened in the model's order), E routed experts per MoE
 layer, k experts per token, D domains, N documents. Routing comes from
@@ -18,6 +16,12 @@ takes plain arrays, so it works on any capture.
   with a shuffled baseline; expert shares per domain with a permutation test over documents
   (:func:`domain_test`); the consecutive-token same-expert rate against Σ loadᵢ²
   (:func:`same_expert_rate`).
+- The router: :func:`topk_route` (softmax top-k, renormalised or not: :func:`renormalises`),
+  :func:`load_balancing_loss` (the Switch loss as transformers computes it, or per layer),
+  :func:`capacity_dispatch` and :func:`capacity_sweep` (token dropping), :func:`routed_top_k` and
+  :func:`limit_capacity` (interventions on a real model), :func:`router_cases` (a real block's
+  choices, for checks), :class:`MoEBlock` and :func:`train_moe_block` (training with and without
+  the balancing loss).
 """
 
 from __future__ import annotations
@@ -569,7 +573,7 @@ def token_expert_concentration(ids, top1, token_ids, n_experts: int) -> dict:
 
 def renormalises(cfg) -> bool:
     """Whether a softmax top-k family rescales its k weights to sum 1: Mixtral always, Jamba
-    never, OLMoE and Qwen2/3-MoE when ``norm_topk_prob`` (FACTS: their default is False).
+    never, OLMoE and Qwen2/3-MoE when ``norm_topk_prob`` (transformers' default: False).
     Other families weigh the k experts another way (:func:`topk_weighting`): ValueError."""
     mt = getattr(cfg, "model_type", "")
     if mt == "mixtral":
@@ -676,10 +680,10 @@ class Dispatch:
     """
 
     capacity: int
-    kept: object
-    slot: object
-    dropped_tokens: object
-    load: object
+    kept: torch.Tensor
+    slot: torch.Tensor
+    dropped_tokens: torch.Tensor
+    load: torch.Tensor
 
     @property
     def drop_rate(self) -> float:
@@ -712,8 +716,11 @@ def capacity_dispatch(indices, num_experts: int, capacity_factor: float, *,
              else torch.argsort(torch.as_tensor(priority).float().reshape(t), descending=True,
                                 stable=True))
     flat = indices[order].T.reshape(-1)                     # (k·T,) choice-major service order
-    onehot = torch.nn.functional.one_hot(flat, num_experts)  # (k·T, E)
-    place = (onehot.cumsum(0) * onehot).sum(-1) - 1         # (k·T,) place in the expert's buffer
+    by_expert = torch.argsort(flat, stable=True)            # grouped by expert, order kept
+    counts = torch.bincount(flat, minlength=num_experts)
+    first = torch.cumsum(counts, 0) - counts                # where each expert's group starts
+    place = torch.empty_like(flat)                          # (k·T,) place in the expert's buffer
+    place[by_expert] = torch.arange(len(flat)) - first[flat[by_expert]]
     slot = torch.empty_like(indices)
     slot[order] = place.reshape(k, t).T
     kept = slot < cap
