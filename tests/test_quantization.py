@@ -140,3 +140,15 @@ def test_probe_script_smoke_on_the_cpu(tmp_path):
     assert sum(g["bytes"] for g in row["groups"]) == row["estimate"] <= row["footprint"]  # + buffers
     assert {g["module_type"] for g in row["groups"]} >= {"OlmoeExperts", "Linear"}
     assert not (tmp_path / "checkpoint").exists()  # the checkpoint is removed after the run
+
+
+def test_the_guard_does_not_tell_an_moe_that_4bit_will_fit(monkeypatch):
+    monkeypatch.setattr(memory, "available",
+                        lambda device=None: memory.MemoryInfo(2**20, 2**30, "cpu", "test"))
+    with pytest.raises(memory.InsufficientMemoryError) as moe_err:
+        models.load_model("mixtral-8x7b", weights="random", device="cpu", dtype="bfloat16")
+    assert "4-bit would still need 85.2 GiB" in str(moe_err.value)
+    assert "bitsandbytes on MoE experts" in str(moe_err.value)
+    with pytest.raises(memory.InsufficientMemoryError) as dense_err:
+        models.load_model("mamba-130m", weights="random", device="cpu")
+    assert "quantise it" in str(dense_err.value)

@@ -188,9 +188,24 @@ def _guard(spec: ModelSpec, cfg, *, dtype, quantization, device: str, force: boo
         return
     if force or device == "meta":
         return
-    memory.require(needed, device=device,
+    memory.require(needed, device=device, suggestions=_moe_tips(spec, cfg),
                    what=f"{spec.name} ({str(dtype).replace('torch.', '')}"
                         f"{', ' + quantization if quantization else ''})")
+
+
+def _moe_tips(spec: ModelSpec, cfg) -> tuple[str, ...]:
+    """What to try when an MoE does not fit: bitsandbytes leaves its fused experts in bf16, so
+    "quantise it" alone would mislead (empty: the guard's general advice)."""
+    if not memory.n_routed_experts(cfg):
+        return ()
+    try:
+        q4 = memory.estimate_weights_bytes(cfg, quantization="4bit",
+                                           skip_modules=list(spec.skip_quantization) or None)
+    except Exception:  # no module tree for this family: the general advice
+        return ()
+    return (f"4-bit would still need {q4 / memory.GiB:.1f} GiB: bitsandbytes leaves an MoE's "
+            "fused experts in bf16 (TROUBLESHOOTING.md, 'bitsandbytes on MoE experts')",
+            "use a smaller MoE (OLMoE-1B-7B) or the tiny profile (EFFARCH_PROFILE=tiny)")
 
 
 def _zoo_tokenizer(notes: list[str], standing_in: bool):
