@@ -21,20 +21,21 @@ ROOT = paths.repo_root()
 
 def model_table() -> str:
     rows = ["| model | hub id | parameters (total) | active per token | bf16 | 8-bit (bnb) "
-            "| 4-bit (bnb) | FP8 | in `nn.Linear` (what bnb quantises) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| 4-bit (bnb) | FP8 | 4-bit + experts (bnb parametrize) "
+            "| in `nn.Linear` (what bnb quantises) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, spec in registry.REGISTRY.items():
         if not spec.config:
             continue
         cfg = registry.get_config(spec)
         pc = memory.count_params(cfg)
         gb = [memory.estimate_weights_bytes(name, "bfloat16", q) / 1e9
-              for q in (None, "8bit", "4bit", "fp8")]
+              for q in (None, "8bit", "4bit", "fp8", "4bit+experts")]
         skip = spec.skip_quantization or None
         share = memory.quantized_footprint(cfg, "4bit", skip_modules=skip).quantized_share
         rows.append(f"| {name} | `{spec.hub_id}` | {pc.total / 1e9:.2f} B | {pc.active / 1e9:.2f} B"
                     f" | {gb[0]:.1f} GB | {gb[1]:.1f} GB | {gb[2]:.1f} GB | {gb[3]:.1f} GB"
-                    f" | {share:.1%} |")
+                    f" | {gb[4]:.1f} GB | {share:.1%} |")
     return "\n".join(rows)
 
 
@@ -49,12 +50,15 @@ def probe_table() -> str:
             f"(torch {probe['torch']}, transformers {probe['transformers']}), kept in "
             f"`data/measurements/{memory.PROBE_FILE}`:", "",
             "| load | GPU memory allocated | peak during the load | effarch's estimate | "
-            "measured ÷ estimate | forward pass |", "| --- | --- | --- | --- | --- | --- |"]
+            "measured ÷ estimate | forward pass | its peak above the weights |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in probe["rows"]:
-        fwd = f"{r['forward_ms']:.0f} ms" if "forward_ms" in r else r.get("forward_error", "—")
+        fwd = (f"{r['forward_ms']:.0f} ms ({r['tokens']} tokens)" if "forward_ms" in r
+               else r.get("forward_error", "—"))
+        peak = f"{r['forward_peak_above'] / 1e9:.2f} GB" if "forward_peak_above" in r else "—"
         rows.append(f"| {r['mode']} | {r['allocated'] / 1e9:.2f} GB | "
                     f"{r['peak_during_load'] / 1e9:.2f} GB | {r['estimate'] / 1e9:.2f} GB | "
-                    f"{r['allocated'] / r['estimate']:.3f} | {fwd} |")
+                    f"{r['allocated'] / r['estimate']:.3f} | {fwd} | {peak} |")
     return "\n".join(rows)
 
 

@@ -12,7 +12,9 @@ reload it quantised, and compare what loads with effarch's estimate.
    saves it as safetensors under ``--out`` (default: a temporary folder, removed at the end), after
    checking the disk has room: Mixtral-8x7B's 93 GB does not fit a 64 GB disk, and the script says so.
 3. Reloads it with each ``--modes`` (``bf16``; ``8bit`` and ``4bit`` through bitsandbytes'
-   ``BitsAndBytesConfig``; ``fp8`` through transformers' ``FineGrainedFP8Config``), on a CUDA GPU,
+   ``BitsAndBytesConfig``; ``fp8`` through transformers' ``FineGrainedFP8Config``;
+   ``4bit+experts``: 4-bit, then bitsandbytes' experimental ``replace_parameter_4bit`` on every
+   fused expert tensor, ``effarch.moe.quantize_experts_4bit``), on a CUDA GPU,
    one at a time, and prints the weights by module type (dtype, bytes, bitsandbytes' scales), the
    GPU memory the load left allocated and its peak, the estimate, and whether a forward pass runs.
 ``--json`` writes every figure to a file. Quantised loading needs a CUDA GPU (and bitsandbytes for
@@ -38,7 +40,7 @@ from transformers import AutoModelForCausalLM
 
 from effarch import memory, models, moe
 
-MODES = ("bf16", "8bit", "4bit", "fp8")
+MODES = ("bf16", "8bit", "4bit", "fp8", "4bit+experts")
 
 
 def build_config(args):
@@ -55,7 +57,7 @@ def quantization_config(mode: str, skip):
 
     if mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    if mode == "4bit":
+    if mode in ("4bit", "4bit+experts"):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
     return FineGrainedFP8Config() if mode == "fp8" else None
@@ -105,6 +107,7 @@ def save_random(cfg, out: Path, device: str) -> float:
 
 
 def forward_ms(model, vocab: int, tokens: int) -> float:
+    """Median time of a forward pass over ``tokens`` tokens (3 after a warm-up), in ms."""
     ids = torch.arange(1, tokens + 1).reshape(1, tokens) % vocab
     ids = ids.to(next(model.parameters()).device)
     times = []
@@ -133,7 +136,11 @@ def reload(out: Path, cfg, mode: str, skip, device: str, tokens: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.bfloat16, quantization_config=quantization_config(mode, skip),
         device_map={"": device})
-    row = dict(mode=mode, load_s=time.perf_counter() - t,
+    if mode == "4bit+experts":  # bitsandbytes' experimental path for fused parameters
+        moe.quantize_experts_4bit(model)
+        gc.collect()
+        torch.cuda.empty_cache()
+    row = dict(mode=mode, tokens=tokens, load_s=time.perf_counter() - t,
                groups=[asdict(g) for g in memory.weights_by_module_type(model)],
                footprint=model.get_memory_footprint())
     if cuda:
@@ -142,7 +149,11 @@ def reload(out: Path, cfg, mode: str, skip, device: str, tokens: int) -> dict:
     fp = estimate(cfg, mode, skip)
     row["estimate"] = fp.total_bytes if fp else memory.estimate_weights_bytes(cfg)
     try:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         row["forward_ms"] = forward_ms(model, cfg.vocab_size, tokens)
+        if cuda:  # activations, and any weights dequantised on the fly
+            row["forward_peak_above"] = torch.cuda.max_memory_allocated() - before - row["allocated"]
     except Exception as exc:  # report it; the memory figures stand
         row["forward_error"] = f"{type(exc).__name__}: {exc}"
     del model
@@ -161,8 +172,10 @@ def print_row(row: dict) -> None:
     print(text + f"get_memory_footprint {row['footprint'] / 1e9:.4f} GB; effarch estimate "
           f"{row['estimate'] / 1e9:.4f} GB"
           + (f" ({measured / row['estimate'] - 1:+.2%} measured against it)" if measured else ""))
-    print(f"  forward pass: {row['forward_ms']:.1f} ms (median of 3)" if "forward_ms" in row
-          else f"  forward pass failed: {row['forward_error']}")
+    peak = (f"; peak {row['forward_peak_above'] / 1e9:.3f} GB above the weights"
+            if "forward_peak_above" in row else "")
+    print(f"  forward pass of the {row.get('tokens', '?')} tokens: {row['forward_ms']:.1f} ms (median "
+          f"of 3){peak}" if "forward_ms" in row else f"  forward pass failed: {row['forward_error']}")
 
 
 def available_modes(modes, device: str) -> list[str]:
@@ -171,7 +184,7 @@ def available_modes(modes, device: str) -> list[str]:
         if mode != "bf16" and not device.startswith("cuda"):
             print(f"{mode}: skipped — quantised loading needs a CUDA GPU (the selection above "
                   "is what transformers would quantise)")
-        elif mode in ("8bit", "4bit") and importlib.util.find_spec("bitsandbytes") is None:
+        elif mode not in ("bf16", "fp8") and importlib.util.find_spec("bitsandbytes") is None:
             print(f"{mode}: skipped — bitsandbytes is not installed")
         else:
             keep.append(mode)

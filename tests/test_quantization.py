@@ -90,7 +90,7 @@ def test_quantised_bytes_count_scales():
     # 8-bit: int8 weights + a float32 scale per output row; 4-bit NF4: half a byte a weight +
     # a float32 absmax per 64 weights; fp8: a byte a weight + a float32 scale per 128x128 block
     assert memory._quantized_bytes((256, 512), "8bit", 256) == 256 * 512 + 4 * 256
-    assert memory._quantized_bytes((256, 512), "4bit", 256) == 256 * 512 // 2 + 4 * 256 * 512 // 64
+    assert memory._quantized_bytes((256, 512), "4bit", 256) == 256 * 512 // 2 + 4 * 256 * 512 // 64 + 64
     assert memory._quantized_bytes((4, 256, 200), "fp8", 256) == 4 * 256 * 200 + 4 * 4 * 2 * 2
 
 
@@ -152,3 +152,25 @@ def test_the_guard_does_not_tell_an_moe_that_4bit_will_fit(monkeypatch):
     with pytest.raises(memory.InsufficientMemoryError) as dense_err:
         models.load_model("mamba-130m", weights="random", device="cpu")
     assert "quantise it" in str(dense_err.value)
+
+
+@needs_bnb
+def test_bitsandbytes_parametrize_quantises_fused_experts_as_estimated():
+    """bitsandbytes' experimental replace_parameter_4bit does shrink the fused experts (on the
+    CPU too); the estimate's experts part is the bytes it leaves, scales and code included."""
+    torch.manual_seed(0)
+    cfg = moe.small_config("olmoe")
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.randint(1, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+    assert moe.quantize_experts_4bit(model) == 2 * cfg.num_hidden_layers
+    with torch.no_grad():
+        after = model(input_ids=ids).logits.float()
+    assert (after - before).abs().max() < 0.1 * before.abs().max()
+    groups = {g.module_type: g for g in memory.weights_by_module_type(model)}
+    packed = groups["OlmoeExperts (4-bit, parametrized)"]
+    assert packed.dtypes == ("uint8",) and "OlmoeExperts" not in groups
+    fp = memory.quantized_footprint(cfg, "4bit+experts")
+    assert packed.bytes + packed.scale_bytes == fp.expert_bytes
+    assert fp.expert_bytes < 0.3 * memory.quantized_footprint(cfg, "4bit").expert_bytes

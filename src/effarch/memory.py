@@ -315,7 +315,8 @@ def _ffn_parts(cfg, i: int) -> dict[str, int]:
 def estimate_weights_bytes(name_or_config, dtype="bfloat16", quantization: str | None = None,
                            *, skip_modules=None) -> int:
     """Bytes of a model's weights in ``dtype``, or as they load quantised (``"8bit"``,
-    ``"4bit"`` through bitsandbytes, ``"fp8"`` through transformers' FineGrainedFP8Config).
+    ``"4bit"`` through bitsandbytes, ``"fp8"`` through transformers' FineGrainedFP8Config,
+    ``"4bit+experts"``: bitsandbytes 4-bit with the fused experts quantised afterwards).
 
     Unquantised: the parameter count (:func:`count_params`) times the dtype's size. Quantised:
     :func:`quantized_footprint`, module by module, from the model's module tree built on the
@@ -350,12 +351,15 @@ def _resolve_config(name_or_config):
 # list is transformers' default (the output embedding, tied weights, the last parameter). In
 # transformers 5 an MoE's experts are one module of fused 3-D parameters, not Linear layers, so
 # bitsandbytes leaves them in the model's dtype. FineGrainedFP8Config (``replace_with_fp8_linear``)
-# also replaces every module whose name ends in ``.experts``. tests/test_memory.py compares this
-# selection with transformers' own quantizers applied to meta-device models.
+# also replaces every module whose name ends in ``.experts``. tests/test_quantization.py compares
+# this selection with transformers' own quantizers applied to meta-device models. ``4bit+experts``
+# is bitsandbytes 4-bit plus its experimental ``bnb.nn.parametrize.replace_parameter_4bit`` applied
+# to every fused expert tensor afterwards (``effarch.moe.quantize_experts_4bit``): transformers
+# does not call it.
 
-QUANTIZATIONS = ("8bit", "4bit", "fp8")
+QUANTIZATIONS = ("8bit", "4bit", "fp8", "4bit+experts")
 NF4_BLOCK = 64            # bitsandbytes 4-bit: one float32 absmax per block of 64 weights
-NF4_CODE_BYTES = 16 * 4   # and the 16-entry NF4 table (float32) in each layer's quant state
+NF4_CODE_BYTES = 16 * 4   # and the 16-entry NF4 table (float32) in each tensor's quant state
 FP8_BLOCK = (128, 128)    # FineGrainedFP8Config's weight_block_size: one float32 scale per block
 
 
@@ -428,6 +432,8 @@ def replaced_by(module, name: str, quantization: str, skips: list[str]) -> str |
         return "linear"
     if quantization == "fp8" and name.endswith(".experts"):
         return "experts"
+    if quantization == "4bit+experts" and _is_fused_experts(module):
+        return "experts"
     return None
 
 
@@ -438,8 +444,8 @@ def _quantized_bytes(shape, quantization: str, out_features: int) -> float:
         n *= s
     if quantization == "8bit":  # int8 weights + one float32 scale (SCB) per output row
         return n + 4 * out_features
-    if quantization == "4bit":  # two NF4 weights a byte + a float32 absmax per block
-        return -(-n // 2) + 4 * -(-n // NF4_BLOCK)
+    if quantization in ("4bit", "4bit+experts"):  # two NF4 weights a byte + float32 absmaxes
+        return -(-n // 2) + 4 * -(-n // NF4_BLOCK) + NF4_CODE_BYTES
     blocks = 1  # fp8: one byte a weight + a float32 scale per 128 x 128 block of each matrix
     for s, b in zip(shape[-2:], FP8_BLOCK, strict=True):
         blocks *= -(-s // b)
@@ -472,7 +478,7 @@ def _weight_bytes(model, module, name: str, kind, quantization: str, dtype):
 def quantized_footprint(cfg, quantization: str, dtype="bfloat16", *,
                         skip_modules=None) -> QuantizedFootprint:
     """Bytes of ``cfg``'s weights loaded with ``quantization`` (``"8bit"``, ``"4bit"``,
-    ``"fp8"``), module by module on a meta-device build (:func:`meta_model`): replaced modules
+    ``"fp8"``, ``"4bit+experts"``), module by module on a meta-device build (:func:`meta_model`): replaced modules
     (:func:`replaced_by`) store their weights quantised with their scales; biases, norms,
     embeddings, routers and every module left alone stay in ``dtype`` (or float32 where
     transformers insists)."""
@@ -497,8 +503,6 @@ def quantized_footprint(cfg, quantization: str, dtype="bfloat16", *,
             if experts:
                 sums["ep"] += p.numel()
                 sums["eb"] += nbytes
-        if kind and quantization == "4bit":
-            sums["qb"] += NF4_CODE_BYTES
     s = {k: int(v) for k, v in sums.items()}
     return QuantizedFootprint(quantization, str(dtype).replace("torch.", ""), s["qb"] + s["kb"],
                               s["qp"], s["qb"], s["kp"], s["kb"], s["ep"], s["eb"],
@@ -517,16 +521,29 @@ class WeightGroup:
     dtypes: tuple[str, ...]
 
 
-def _scale_bytes(p) -> int:
-    """Bytes of the scales bitsandbytes keeps beside a quantised weight (outside the tensor)."""
+def _state_bytes(state) -> int:
+    """Bytes of a bitsandbytes 4-bit quant state: absmax and the code table."""
     total = 0
-    state = getattr(p, "quant_state", None)  # Params4bit: absmax (+ nested state) and the code
     for name in ("absmax", "code"):
         t = getattr(state, name, None)
         total += t.numel() * t.element_size() if hasattr(t, "element_size") else 0
-    scb = getattr(p, "SCB", None)            # Int8Params: one float32 scale per output row
-    total += scb.numel() * scb.element_size() if hasattr(scb, "element_size") else 0
     return total
+
+
+def _scale_bytes(p) -> int:
+    """Bytes of the scales bitsandbytes keeps beside a quantised weight (outside the tensor)."""
+    scb = getattr(p, "SCB", None)            # Int8Params: one float32 scale per output row
+    return _state_bytes(getattr(p, "quant_state", None)) + (  # Params4bit: its quant state
+        scb.numel() * scb.element_size() if hasattr(scb, "element_size") else 0)
+
+
+def _group_name(model, name: str, module) -> str:
+    """A module's type; a tensor quantised by bitsandbytes' ``replace_parameter_4bit`` lives in
+    ``<owner>.parametrizations.<tensor>``: named after its owner."""
+    if ".parametrizations." not in name:
+        return type(module).__name__
+    owner = model.get_submodule(name.split(".parametrizations.")[0])
+    return f"{type(owner).__name__.removeprefix('Parametrized')} (4-bit, parametrized)"
 
 
 def weights_by_module_type(model) -> list[WeightGroup]:
@@ -534,17 +551,18 @@ def weights_by_module_type(model) -> list[WeightGroup]:
     their dtypes and bytes as stored (each tensor once): what a quantiser really changed."""
     groups: dict[str, dict] = {}
     seen: set[int] = set()
-    for module in model.modules():
+    for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-        if not own:
+        state = _state_bytes(getattr(module, "quant_state", None))  # a parametrization's
+        if not own and not state:
             continue
         seen.update(id(p) for p in own)
-        g = groups.setdefault(type(module).__name__, dict(modules=0, tensors=0, bytes=0,
-                                                          scale_bytes=0, dtypes=set()))
-        g["modules"] += 1
+        g = groups.setdefault(_group_name(model, name, module), dict(
+            modules=0, tensors=0, bytes=0, scale_bytes=0, dtypes=set()))
+        g["modules"] += bool(own)
         g["tensors"] += len(own)
         g["bytes"] += sum(p.numel() * p.element_size() for p in own)
-        g["scale_bytes"] += sum(_scale_bytes(p) for p in own)
+        g["scale_bytes"] += sum(_scale_bytes(p) for p in own) + state
         g["dtypes"] |= {str(p.dtype).removeprefix("torch.") for p in own}
     return sorted((WeightGroup(name, g["modules"], g["tensors"], g["bytes"], g["scale_bytes"],
                                tuple(sorted(g["dtypes"]))) for name, g in groups.items()),

@@ -843,6 +843,25 @@ def limit_capacity(model, capacity_factor: float, *, priority: bool = False):
             h.remove()
 
 
+def quantize_experts_4bit(model) -> int:
+    """Quantise every fused expert tensor of ``model`` to 4-bit NF4 in place with bitsandbytes'
+    experimental ``bnb.nn.parametrize.replace_parameter_4bit`` (bitsandbytes ≥ 0.48; transformers
+    5.17 and 5.24 never call it): each tensor is stored packed with its absmax scales and
+    dequantised whole when the experts run. Returns how many tensors were quantised."""
+    try:
+        from bitsandbytes.nn.parametrize import replace_parameter_4bit
+    except ImportError as exc:
+        raise ImportError(f"quantize_experts_4bit needs bitsandbytes >= 0.48 ({exc}). "
+                          f"{TROUBLE} 'bitsandbytes on MoE experts'.") from exc
+    done = 0
+    for _, _, experts in _blocks(model).values():
+        for name, p in list(experts.named_parameters(recurse=False)):
+            if p.dim() == 3:
+                replace_parameter_4bit(experts, name, quant_type="nf4")
+                done += 1
+    return done
+
+
 # --- a small reference MoE layer, and training it with and without the balancing loss -------
 
 
