@@ -34,11 +34,13 @@ def test_moe_active_below_total_and_dense_equal():
 
 
 def test_quantised_estimates_shrink():
+    # bitsandbytes quantises Linear layers only: Mixtral's fused experts stay bf16
+    # (tests/test_quantization.py compares the selection with transformers' quantizers)
     b16 = memory.estimate_weights_bytes("mixtral-8x7b", "bfloat16")
     q8 = memory.estimate_weights_bytes("mixtral-8x7b", "bfloat16", "8bit")
     q4 = memory.estimate_weights_bytes("mixtral-8x7b", "bfloat16", "4bit")
     assert q4 < q8 < b16
-    assert 0.45 < q8 / b16 < 0.55 and 0.25 < q4 / b16 < 0.35
+    assert 0.97 < q4 / b16 < q8 / b16 < 0.99
 
 
 def test_dtype_bytes():

@@ -153,15 +153,22 @@ def test_per_layer_aux_loss_option(monkeypatch):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = training.make_scheduler(opt, 10, {"warmup_steps": 2, "min_lr_ratio": 0.1})
     x = torch.arange(2 * 64).reshape(2, 64) % 4096
-    layers_seen = []  # how many layers' router logits each call of the balancing loss pools
+    from effarch import moe
+
+    calls = []  # (layers pooled, per_layer) of each call of effarch's balancing loss
+    ours = moe.load_balancing_loss
+    monkeypatch.setattr(moe, "load_balancing_loss", lambda gates, *a, per_layer=False, **k:
+                        calls.append((len(gates) if isinstance(gates, tuple) else 1, per_layer))
+                        or ours(gates, *a, per_layer=per_layer, **k))
+    ce, aux = training.train_step(model, opt, sched, x, grad_clip=1.0, per_layer_aux=True)
+    n_layers = model.config.num_hidden_layers
+    # the option: effarch's loss, one layer at a time, averaged
+    assert calls == [(n_layers, True)] + [(1, False)] * n_layers and n_layers > 1
+    assert math.isfinite(ce) and 1.0 < aux < 8.0  # top-2 routing: about 2 near uniform
+    layers_seen = []  # how many layers' router logits transformers' own loss pools
     real = modeling_mixtral.load_balancing_loss_func
     monkeypatch.setattr(modeling_mixtral, "load_balancing_loss_func",
                         lambda gates, *a, **k: layers_seen.append(len(gates)) or real(gates, *a, **k))
-    ce, aux = training.train_step(model, opt, sched, x, grad_clip=1.0, per_layer_aux=True)
-    n_layers = model.config.num_hidden_layers
-    assert layers_seen.count(1) == n_layers > 1  # the option: one call per MoE layer
-    assert math.isfinite(ce) and 1.0 < aux < 8.0  # top-2 routing: about 2 near uniform
-    layers_seen.clear()
     _, pooled = training.train_step(model, opt, sched, x, grad_clip=1.0)
     assert layers_seen == [n_layers] and 1.0 < pooled < 8.0  # transformers' pooled loss
     dense = _smoke_model("tiny-transformer")

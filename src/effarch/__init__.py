@@ -34,7 +34,7 @@ from the foundations at the top of this table to the labs' helpers at its bottom
 | 2.4.1 Mamba inference | doctor, models, memory, compat, bench, decoding, backends, fast, quality, data, plots, checks |
 | 2.4.2 Mamba architecture | ssm, hooks, mixer, models, memory, compat, bench, data, plots, checks |
 | 2.4.3 MoE exploration | models, moe, hooks, memory, data, plots, checks |
-| 2.4.4 MoE router | moe, hooks, quality, models, plots, checks |
+| 2.4.4 MoE router | moe, hooks, quality, models, memory, data, plots, checks |
 | 2.4.5 Architecture comparison | bench, quality, memory, models, fast, plots, checks |
 | 2.4.6 Mamba fine-tuning | models, backends, memory, data, plots, checks |
 """

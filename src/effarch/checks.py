@@ -1544,3 +1544,303 @@ def check_sweep_reading(student_fn: Callable, reference_fn: Callable, sweep: Any
     return check_function(student_fn, reference_fn,
                           cases=[Case(sweep), Case(small_best), Case(big_best), Case(tripled)],
                           name=name or getattr(student_fn, "__name__", "exercise"))
+
+
+# ------------------------------------------------------------------ lab 2.4.4: MoE router
+# The top-k router is checked against what real MoE blocks chose, the Switch loss against
+# transformers' own function, capacity dispatch against effarch.moe; each ❌ names the likely
+# mistake when the answer equals what that mistake gives.
+
+
+def _route_parts(actual, case) -> tuple[Any, Any] | str:
+    """(weights, indices) as float64 / int64 tensors, or why the output has the wrong form."""
+    import torch
+
+    if not (isinstance(actual, (tuple, list)) and len(actual) == 2):
+        return f"expected (weights, indices), got {_describe(actual)}"
+    w, i = (torch.as_tensor(x) for x in actual)
+    shape = tuple(case.index.shape)
+    if tuple(w.shape) != shape or tuple(i.shape) != shape:
+        return (f"expected weights and indices of shape (T, k) = {shape}, got "
+                f"{tuple(w.shape)} and {tuple(i.shape)}")
+    if i.is_floating_point():
+        return "indices must be integers (torch.topk's .indices), got floats"
+    return w.detach().double(), i.long()
+
+
+def _route_causes(w, i, case, tol) -> str | None:
+    import torch
+
+    logits = case.logits.double()
+    probs = torch.softmax(logits, -1)
+    near = lambda a, b: torch.allclose(a, b, rtol=tol, atol=tol)  # noqa: E731
+    top = torch.topk(probs, case.k, -1).values
+    sums_one = near(w.sum(-1), torch.ones(len(w), dtype=w.dtype))
+    if not case.norm_topk_prob and sums_one:
+        return ("the k weights were renormalised to sum 1 — or taken as a softmax over the k "
+                "selected logits, which is the same thing — but this model does not "
+                f"renormalise (norm_topk_prob=False, {case.model}): use the probabilities of "
+                "the softmax over all E experts as they are")
+    if case.norm_topk_prob and near(w, top):
+        return ("the k probabilities were not renormalised: this model "
+                f"({case.model}, norm_topk_prob=True) divides them by their sum")
+    if near(w, torch.topk(logits, case.k, -1).values):
+        return "the weights are the raw logits: apply the softmax over the E experts first"
+    if near(w, torch.topk(torch.softmax(logits, 0), case.k, -1).values):
+        return "the softmax ran over the tokens (dim 0): take it over the experts (dim=-1)"
+    if near(probs.gather(-1, i), torch.topk(probs, case.k, -1, largest=False).values):
+        return "these are the k least likely experts: top-k keeps the largest"
+    if torch.equal(i.sort(-1).values, case.index.sort(-1).values):
+        return ("the right experts in another order: return them by descending weight, as "
+                "torch.topk does")
+    return None
+
+
+def _route_diagnosis(actual, case) -> list[str]:
+    import torch
+
+    parts = _route_parts(actual, case)
+    if isinstance(parts, str):
+        return [parts]
+    w, i = parts
+    tol = 1e-2 if case.dtype in ("bfloat16", "float16") else 1e-5
+    probs = torch.softmax(case.logits.double(), -1)
+    # compare the probabilities of the chosen experts, not their ids: tied logits may pick either
+    same_choice = torch.allclose(probs.gather(-1, i.clamp(0, probs.shape[-1] - 1)),
+                                 probs.gather(-1, case.index), rtol=tol, atol=tol)
+    if same_choice and torch.allclose(w, case.weights.double(), rtol=tol, atol=tol):
+        return []
+    where = f"{case.model}, layer {case.layer} (k = {case.k}, E = {probs.shape[-1]})"
+    bad = (w - case.weights.double()).abs().max(-1).values.argmax()
+    lines = [f"{where}: token {int(bad)} got experts {i[bad].tolist()} weights "
+             f"{[round(x, 4) for x in w[bad].tolist()]}; the block chose "
+             f"{case.index[bad].tolist()} weights "
+             f"{[round(x, 4) for x in case.weights[bad].double().tolist()]}"]
+    cause = _route_causes(w, i, case, tol)
+    return lines + ([f"likely cause: {cause}"] if cause else [])
+
+
+def check_topk_route(student_fn: Callable, cases: Iterable, *,
+                     name: str = "topk_route") -> Callable:
+    """Check ``student_fn(logits, k, *, norm_topk_prob) -> (weights, indices)`` against what
+    real MoE blocks chose on the same logits (``effarch.moe.router_cases``: each case is one
+    layer of a model that renormalises or one that does not). Ties between experts are
+    accepted either way. A ❌ names the likely cause (renormalising where the model does not —
+    a softmax over the k selected logits does exactly that —, not renormalising where it does,
+    raw logits, the wrong axis, the wrong order). Returns ``student_fn`` or
+    ``effarch.moe.topk_route``."""
+    from effarch import moe
+
+    cases = list(cases)
+    if not {c.norm_topk_prob for c in cases} >= {True, False}:
+        raise ValueError("check_topk_route needs a model that renormalises and one that does "
+                         "not, so that a softmax over the k selected logits is caught")
+    by_logits = {id(c.logits): c for c in cases}
+    by_answer: dict[int, Any] = {}
+
+    def reference(logits, k, *, norm_topk_prob):
+        case = by_logits.get(id(logits))
+        if case is None:  # called later by the notebook: effarch's router
+            return moe.topk_route(logits, k, norm_topk_prob=norm_topk_prob)
+        by_answer[id(case.weights)] = case
+        return case.weights, case.index
+
+    def compare(actual, expected):
+        return "\n".join(_route_diagnosis(actual, by_answer[id(expected[0])])) or None
+
+    result = check_function(student_fn, reference, name=name, compare=compare,
+                            cases=[Case(c.logits, c.k, norm_topk_prob=c.norm_topk_prob)
+                                   for c in cases])
+    return result if result is student_fn else moe.topk_route
+
+
+def _transformers_balancing_loss():
+    """transformers' ``load_balancing_loss_func`` (one copy per MoE model; Mixtral's, which
+    Qwen2-MoE, OLMoE and Jamba repeat verbatim in 5.17 and 5.24)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func
+
+
+def switch_loss_cases(extra: Iterable = ()) -> list:
+    """Cases ``(router_logits, num_experts, top_k[, attention_mask])`` whose answers separate
+    the usual mistakes: skewed routing (f is not uniform), layers that differ (pooled ≠ mean
+    of layers), k > 1 (all choices ≠ first choice), padding. ``extra``: more cases (a real
+    model's ``out.router_logits``)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+
+    def layer(t, e, skew):  # logits with a preference for the first experts
+        return torch.randn(t, e, generator=g) + skew * torch.linspace(1, -1, e)
+
+    mask = torch.ones(4, 16)
+    mask[0, 10:], mask[2, 5:] = 0, 0
+    return [Case((layer(64, 8, 1.5), layer(64, 8, -0.5)), 8, 2),
+            Case((layer(40, 16, 2.0),), 16, 3),
+            Case((layer(64, 8, 0.0), layer(64, 8, 2.5), layer(64, 8, 1.0)), 8, 1),
+            Case((layer(64, 8, 1.0), layer(64, 8, 0.3)), 8, 2, attention_mask=mask),
+            *extra]
+
+
+def _switch_variants(router_logits, num_experts, top_k, attention_mask=None) -> list[tuple]:
+    """(value, cause) of the plausible wrong answers on one case."""
+    import torch
+
+    from effarch import moe
+
+    ref = float(_transformers_balancing_loss()(tuple(router_logits), num_experts, top_k,
+                                                attention_mask))
+    stacked = torch.cat([g.float() for g in router_logits])
+    probs = torch.softmax(stacked, -1)
+    first = torch.nn.functional.one_hot(probs.argmax(-1), num_experts).float().mean(0)
+    out = [
+        (ref / num_experts, "the factor N (the number of experts) is missing: N · Σ f_i · P_i "
+                            "makes a uniform router score k whatever N"),
+        (num_experts * float((first * probs.mean(0)).sum()),
+         "only the first choice counted in f: transformers counts every one of the k choices "
+         "(so uniform top-k routing gives k, 2.0 for top-2)"),
+        (ref / top_k, "f divided by k (shares summing to 1): transformers' f counts the k choices "
+                      "of each token, summing to k"),
+        (num_experts * float((probs.mean(0) ** 2).sum()),
+         "f taken as the mean probability: f is the share of tokens *routed* to each expert "
+         "(a count from the top-k; it carries no gradient)"),
+        (float(moe.load_balancing_loss(tuple(router_logits), num_experts, top_k, attention_mask,
+                                       per_layer=True)),
+         "the mean of each layer's loss: transformers pools the layers — f and P are averaged "
+         "over every layer's tokens, then multiplied (per-layer is how tiny-moe was trained)"),
+    ]
+    if attention_mask is not None:
+        out.append((float(_transformers_balancing_loss()(tuple(router_logits), num_experts,
+                                                          top_k)),
+                    "padding counted: leave out the tokens whose attention_mask is 0, from f "
+                    "and from P"))
+    out += [(ref * a, f"multiplied by a coefficient α = {a}: the loss is N · Σ f_i · P_i; α "
+                      "is applied by the caller") for a in (0.001, 0.01, 0.02)]
+    return out
+
+
+def check_switch_loss(student_fn: Callable, extra_cases: Iterable = (), *,
+                      name: str = "switch_loss") -> Callable:
+    """Check ``student_fn(router_logits, num_experts, top_k, attention_mask=None)`` — a tuple of
+    (T, E) logits per layer in, a scalar out — against transformers'
+    ``load_balancing_loss_func`` on :func:`switch_loss_cases` and ``extra_cases``. A ❌ names
+    the likely cause (N missing, the first choice only, per-layer mean, padding counted, ...).
+    Returns ``student_fn`` or ``effarch.moe.load_balancing_loss``."""
+    from effarch import moe
+
+    lbl = _transformers_balancing_loss()
+    cases = switch_loss_cases(extra_cases)
+    by_value: dict[float, tuple] = {}
+
+    def reference(router_logits, num_experts, top_k, attention_mask=None):
+        value = float(lbl(tuple(router_logits), num_experts, top_k, attention_mask))
+        by_value[value] = (router_logits, num_experts, top_k, attention_mask)
+        return value
+
+    def compare(actual, expected):
+        got = _as_scalar(actual)
+        if not isinstance(got, numbers.Real):
+            return f"expected a scalar (a 0-d tensor or a float), got {_describe(actual)}"
+        if math.isclose(float(got), expected, rel_tol=1e-5, abs_tol=1e-7):
+            return None
+        lines = [f"got {float(got):.6g}, transformers' load_balancing_loss_func gives "
+                 f"{expected:.6g}"]
+        for value, cause in _switch_variants(*by_value[expected]):
+            if math.isclose(float(got), value, rel_tol=1e-5, abs_tol=1e-7):
+                return "\n".join(lines + [f"likely cause: {cause}"])
+        return "\n".join(lines)
+
+    result = check_function(student_fn, reference, cases=cases, name=name, compare=compare)
+    return result if result is student_fn else moe.load_balancing_loss
+
+
+def capacity_cases() -> list[tuple]:
+    """(indices (T, k), E, capacity factor) with skewed loads, so that some experts overflow
+    and the order of service matters; capacities that are not whole numbers before rounding."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for t, k, e, cf in ((37, 2, 8, 1.25), (40, 2, 4, 1.0), (50, 1, 5, 0.7), (64, 3, 8, 1.1)):
+        p = torch.linspace(2.0, 0.5, e)
+        index = torch.stack([torch.multinomial(p, k, replacement=False, generator=g)
+                             for _ in range(t)])                          # (T, k) distinct
+        cases.append((index, e, cf))
+    return cases
+
+
+def _kept_in_order(flat_expert, n_experts: int, capacity: int):
+    """Kept flags of assignments served in the given order (each expert takes ``capacity``)."""
+    import torch
+
+    onehot = torch.nn.functional.one_hot(flat_expert, n_experts)
+    return ((onehot.cumsum(0) * onehot).sum(-1) - 1) < capacity
+
+
+def _capacity_variants(indices, n_experts: int, cf: float) -> list[tuple]:
+    """((capacity, kept), cause) of the plausible wrong answers on one case."""
+    from effarch import moe
+
+    t, k = indices.shape
+    cap = moe.expert_capacity(t, k, n_experts, cf)
+    right = moe.capacity_dispatch(indices, n_experts, cf).kept
+    token_major = _kept_in_order(indices.reshape(-1), n_experts, cap).reshape(t, k)
+    last = _kept_in_order(indices.flip(0).T.reshape(-1), n_experts, cap).reshape(k, t).T.flip(0)
+    return [
+        ((math.floor(cf * t * k / n_experts), None), "the capacity was rounded down: "
+                                                     "C = ceil(capacity_factor · T · k / E)"),
+        ((math.ceil(cf * t / n_experts - 1e-9), None), "k is missing from the capacity: each "
+                                                      "token makes k assignments, C = "
+                                                      "ceil(capacity_factor · T · k / E)"),
+        ((cap, token_major), "served token by token (a token's second choice before the next "
+                             "token's first): serve every token's first choice, in position "
+                             "order, before any second choice"),
+        ((cap, last), "the last tokens were served first: first come, first served"),
+        ((cap, right & right.all(-1, keepdim=True)),
+         "whole tokens dropped when one assignment was: each of the k assignments is kept or "
+         "dropped on its own"),
+        ((cap, _kept_in_order(indices.T.reshape(-1), n_experts, cap + 1).reshape(k, t).T),
+         "one assignment too many per expert: its buffer has places 0 … C-1"),
+    ]
+
+
+def check_capacity(student_fn: Callable, *, name: str = "dispatch") -> Callable:
+    """Check ``student_fn(indices, num_experts, capacity_factor) -> (capacity, kept)`` — kept a
+    (T, k) bool tensor — against ``effarch.moe.capacity_dispatch`` (position order) on
+    :func:`capacity_cases`. A ❌ names the likely cause (floor, k left out, token-major or
+    reverse order, whole tokens dropped, off by one)."""
+    import torch
+
+    from effarch import moe
+
+    cases = capacity_cases()
+    by_id: dict[int, tuple] = {}
+
+    def reference(indices, num_experts, capacity_factor):
+        d = moe.capacity_dispatch(indices, num_experts, capacity_factor)
+        by_id[id(d.kept)] = (indices, num_experts, capacity_factor)
+        return d.capacity, d.kept
+
+    def compare(actual, expected):
+        if not (isinstance(actual, (tuple, list)) and len(actual) == 2):
+            return f"expected (capacity, kept), got {_describe(actual)}"
+        cap, kept = int(_as_scalar(actual[0])), torch.as_tensor(actual[1])
+        if kept.shape != expected[1].shape:
+            return f"kept must be (T, k) = {tuple(expected[1].shape)}, got {tuple(kept.shape)}"
+        kept = kept.bool()
+        if cap == expected[0] and torch.equal(kept, expected[1]):
+            return None
+        lines = [f"got capacity {cap}, {int(kept.sum())} of {kept.numel()} assignments kept; "
+                 f"expected {expected[0]}, {int(expected[1].sum())}"]
+        for (vcap, vkept), cause in _capacity_variants(*by_id[id(expected[1])]):
+            if cap == vcap and (vkept is None or torch.equal(kept, vkept)):
+                return "\n".join(lines + [f"likely cause: {cause}"])
+        return "\n".join(lines)
+
+    def as_pair(indices, num_experts, capacity_factor):
+        d = moe.capacity_dispatch(indices, num_experts, capacity_factor)
+        return d.capacity, d.kept
+
+    result = check_function(student_fn, reference, cases=cases, name=name, compare=compare)
+    return result if result is student_fn else as_pair

@@ -7,6 +7,9 @@ under-reports (it ignores reclaimable page cache), so, as vLLM and SGLang do, we
 
 Weight footprints are estimated from a config by formula (no model is built), one term per
 part of the network, so the estimate can be read and checked against a meta-device build.
+Quantised footprints follow the module tree of a meta-device build (nothing is allocated):
+which modules a quantiser replaces depends on their type, not on a formula (in transformers 5
+bitsandbytes leaves an MoE's fused experts unquantised).
 """
 
 from __future__ import annotations
@@ -310,22 +313,27 @@ def _ffn_parts(cfg, i: int) -> dict[str, int]:
             "router": h * n_exp, "shared_experts": shared}
 
 
-def estimate_weights_bytes(name_or_config, dtype="bfloat16", quantization: str | None = None
-                           ) -> int:
-    """Bytes of a model's weights in ``dtype``, or quantised (``"8bit"`` / ``"4bit"``).
+def estimate_weights_bytes(name_or_config, dtype="bfloat16", quantization: str | None = None,
+                           *, skip_modules=None) -> int:
+    """Bytes of a model's weights in ``dtype``, or as they load quantised (``"8bit"``,
+    ``"4bit"`` through bitsandbytes, ``"fp8"`` through transformers' FineGrainedFP8Config,
+    ``"4bit+experts"``: bitsandbytes 4-bit with the fused experts quantised afterwards).
 
-    With bitsandbytes the Linear layers inside the blocks are quantised; embeddings, norms and
-    the LM head stay in ``dtype``; 4-bit (NF4) adds one absmax scale per block of 64 weights.
+    Unquantised: the parameter count (:func:`count_params`) times the dtype's size. Quantised:
+    :func:`quantized_footprint`, module by module, from the model's module tree built on the
+    meta device — bitsandbytes replaces only ``nn.Linear`` layers, so in transformers 5 an MoE's
+    fused experts stay in ``dtype``. ``skip_modules`` are the modules kept unquantised
+    (``llm_int8_skip_modules``); given a registry name and bitsandbytes, its
+    ``skip_quantization`` by default, as ``effarch.models.load_model`` passes it.
     """
     cfg = _resolve_config(name_or_config)
-    pc = count_params(cfg)
-    per = dtype_bytes(dtype)
     if quantization is None:
-        return int(pc.total * per)
-    kept = pc.embedding + (0 if getattr(cfg, "tie_word_embeddings", False) else pc.embedding)
-    quantised = pc.total - kept
-    qbytes = {"8bit": 1.0 + 4 / 4096, "4bit": 0.5 + 4 / 64}[quantization]  # scales included
-    return int(kept * per + quantised * qbytes)
+        return int(count_params(cfg).total * dtype_bytes(dtype))
+    if skip_modules is None and isinstance(name_or_config, str) and quantization != "fp8":
+        from effarch.registry import get_spec
+
+        skip_modules = get_spec(name_or_config).skip_quantization or None
+    return quantized_footprint(cfg, quantization, dtype, skip_modules=skip_modules).total_bytes
 
 
 def _resolve_config(name_or_config):
@@ -334,6 +342,232 @@ def _resolve_config(name_or_config):
 
         return get_config(name_or_config)
     return name_or_config
+
+
+# --- quantised weights: which modules a quantiser replaces, read from the module tree --------
+#
+# bitsandbytes (transformers' integrations/bitsandbytes.py, ``replace_with_bnb_linear``, the same
+# in 5.17 and 5.24) replaces a module only when ``type(module) is nn.Linear`` (or GPT-2's
+# ``Conv1D``) and the skip list does not match its name; without ``llm_int8_skip_modules`` that
+# list is transformers' default (the output embedding, tied weights, the last parameter). In
+# transformers 5 an MoE's experts are one module of fused 3-D parameters, not Linear layers, so
+# bitsandbytes leaves them in the model's dtype. FineGrainedFP8Config (``replace_with_fp8_linear``)
+# also replaces every module whose name ends in ``.experts``. tests/test_quantization.py compares
+# this selection with transformers' own quantizers applied to meta-device models. ``4bit+experts``
+# is bitsandbytes 4-bit plus its experimental ``bnb.nn.parametrize.replace_parameter_4bit`` applied
+# to every fused expert tensor afterwards (``effarch.moe.quantize_experts_4bit``): transformers
+# does not call it.
+
+QUANTIZATIONS = ("8bit", "4bit", "fp8", "4bit+experts")
+NF4_BLOCK = 64            # bitsandbytes 4-bit: one float32 absmax per block of 64 weights
+NF4_CODE_BYTES = 16 * 4   # and the 16-entry NF4 table (float32) in each tensor's quant state
+FP8_BLOCK = (128, 128)    # FineGrainedFP8Config's weight_block_size: one float32 scale per block
+
+
+@dataclass(frozen=True)
+class QuantizedFootprint:
+    """Weights as a quantiser loads them: what it replaces, and what stays in ``dtype``.
+
+    ``quantized_*``: the weights stored in 8 or 4 bits (scales included in the bytes);
+    ``kept_*``: everything else (embeddings, norms, biases, routers, skipped modules — and, under
+    bitsandbytes, the fused experts); ``expert_*``: the fused experts alone, as loaded.
+    """
+
+    quantization: str
+    dtype: str
+    total_bytes: int
+    quantized_params: int
+    quantized_bytes: int
+    kept_params: int
+    kept_bytes: int
+    expert_params: int
+    expert_bytes: int
+    quantized_modules: tuple[str, ...]
+    skip_modules: tuple[str, ...]
+
+    @property
+    def quantized_share(self) -> float:
+        """Share of the parameters stored quantised."""
+        return self.quantized_params / max(1, self.quantized_params + self.kept_params)
+
+
+_META_MODELS: dict[str, object] = {}
+
+
+def meta_model(cfg):
+    """``cfg``'s causal LM built on the meta device (shapes only, nothing allocated); cached."""
+    key = cfg.to_json_string()
+    if key not in _META_MODELS:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            _META_MODELS[key] = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return _META_MODELS[key]
+
+
+def quantization_skips(model, skip_modules=None) -> list[str]:
+    """The names a quantiser leaves alone: ``skip_modules`` if given, else transformers' default
+    (``get_keys_to_not_convert``: LM head, tied weights, last parameter), plus the model's
+    ``_keep_in_fp32_modules`` — as ``HfQuantizer.get_modules_to_not_convert`` builds them."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    skips = list(skip_modules) if skip_modules is not None else get_keys_to_not_convert(model)
+    return sorted(set(skips) | set(getattr(model, "_keep_in_fp32_modules", None) or ()))
+
+
+def _is_fused_experts(module) -> bool:
+    sizes = [p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3]
+    return len(sizes) >= 2 and len(set(sizes)) == 1
+
+
+def replaced_by(module, name: str, quantization: str, skips: list[str]) -> str | None:
+    """``"linear"`` or ``"experts"`` when ``quantization`` replaces this module, else None."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    if not should_convert_module(name, skips):
+        return None
+    if type(module) is torch.nn.Linear or (quantization != "fp8" and isinstance(module, Conv1D)):
+        return "linear"
+    if quantization == "fp8" and name.endswith(".experts"):
+        return "experts"
+    if quantization == "4bit+experts" and _is_fused_experts(module):
+        return "experts"
+    return None
+
+
+def _quantized_bytes(shape, quantization: str, out_features: int) -> float:
+    """Bytes of one weight stored quantised, with its scales."""
+    n = 1
+    for s in shape:
+        n *= s
+    if quantization == "8bit":  # int8 weights + one float32 scale (SCB) per output row
+        return n + 4 * out_features
+    if quantization in ("4bit", "4bit+experts"):  # two NF4 weights a byte + float32 absmaxes
+        return -(-n // 2) + 4 * -(-n // NF4_BLOCK) + NF4_CODE_BYTES
+    blocks = 1  # fp8: one byte a weight + a float32 scale per 128 x 128 block of each matrix
+    for s, b in zip(shape[-2:], FP8_BLOCK, strict=True):
+        blocks *= -(-s // b)
+    return n + 4 * blocks * (n // (shape[-2] * shape[-1]))
+
+
+def _strict_fp32(model, name: str, dtype) -> bool:
+    """Whether transformers keeps parameter ``name`` in float32 whatever the half dtype asked
+    (``_keep_in_fp32_modules_strict``, e.g. DeepSeek-V2's router ``gate.weight``)."""
+    keys = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    return dtype_bytes(dtype) == 2 and any(
+        name == k or name.endswith("." + k) or name.startswith(k + ".") or f".{k}." in name
+        for k in keys)
+
+
+def _weight_bytes(model, module, name: str, kind, quantization: str, dtype):
+    """(parameters, bytes if quantised, bytes if kept, bytes as loaded) of ``module``'s own
+    tensors; a tensor shared with a module seen before (a tied head) is skipped by the caller."""
+    for pname, p in module.named_parameters(recurse=False):
+        full = f"{name}.{pname}" if name else pname
+        if kind and pname != "bias" and p.dim() >= 2:
+            out = p.shape[1] if type(module).__name__ == "Conv1D" else p.shape[-2]
+            yield p, _quantized_bytes(tuple(p.shape), quantization, out), True
+        else:
+            per = 4 if (kind == "linear" and quantization == "fp8") or _strict_fp32(
+                model, full, dtype) else dtype_bytes(dtype)  # FP8Linear's bias is float32
+            yield p, p.numel() * per, False
+
+
+def quantized_footprint(cfg, quantization: str, dtype="bfloat16", *,
+                        skip_modules=None) -> QuantizedFootprint:
+    """Bytes of ``cfg``'s weights loaded with ``quantization`` (``"8bit"``, ``"4bit"``,
+    ``"fp8"``, ``"4bit+experts"``), module by module on a meta-device build (:func:`meta_model`): replaced modules
+    (:func:`replaced_by`) store their weights quantised with their scales; biases, norms,
+    embeddings, routers and every module left alone stay in ``dtype`` (or float32 where
+    transformers insists)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+    model = meta_model(cfg)
+    skips = quantization_skips(model, skip_modules)
+    seen: set[int] = set()
+    sums = dict.fromkeys(("qp", "qb", "kp", "kb", "ep", "eb"), 0.0)
+    names = []
+    for name, module in model.named_modules():
+        kind = replaced_by(module, name, quantization, skips)
+        names += [name] if kind else []
+        experts = _is_fused_experts(module)
+        for p, nbytes, quantised in _weight_bytes(model, module, name, kind, quantization, dtype):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            tag = "q" if quantised else "k"
+            sums[tag + "p"] += p.numel()
+            sums[tag + "b"] += nbytes
+            if experts:
+                sums["ep"] += p.numel()
+                sums["eb"] += nbytes
+    s = {k: int(v) for k, v in sums.items()}
+    return QuantizedFootprint(quantization, str(dtype).replace("torch.", ""), s["qb"] + s["kb"],
+                              s["qp"], s["qb"], s["kp"], s["kb"], s["ep"], s["eb"],
+                              tuple(names), tuple(skips))
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """The weights of one kind of module in a loaded model, as stored."""
+
+    module_type: str   # e.g. "OlmoeExperts", "Linear4bit", "Linear"
+    modules: int
+    tensors: int
+    bytes: int         # the tensors' own bytes (bitsandbytes 4-bit: packed, two weights a byte)
+    scale_bytes: int   # quantisation scales kept beside them (bitsandbytes absmax / SCB)
+    dtypes: tuple[str, ...]
+
+
+def _state_bytes(state) -> int:
+    """Bytes of a bitsandbytes 4-bit quant state: absmax and the code table."""
+    total = 0
+    for name in ("absmax", "code"):
+        t = getattr(state, name, None)
+        total += t.numel() * t.element_size() if hasattr(t, "element_size") else 0
+    return total
+
+
+def _scale_bytes(p) -> int:
+    """Bytes of the scales bitsandbytes keeps beside a quantised weight (outside the tensor)."""
+    scb = getattr(p, "SCB", None)            # Int8Params: one float32 scale per output row
+    return _state_bytes(getattr(p, "quant_state", None)) + (  # Params4bit: its quant state
+        scb.numel() * scb.element_size() if hasattr(scb, "element_size") else 0)
+
+
+def _group_name(model, name: str, module) -> str:
+    """A module's type; a tensor quantised by bitsandbytes' ``replace_parameter_4bit`` lives in
+    ``<owner>.parametrizations.<tensor>``: named after its owner."""
+    if ".parametrizations." not in name:
+        return type(module).__name__
+    owner = model.get_submodule(name.split(".parametrizations.")[0])
+    return f"{type(owner).__name__.removeprefix('Parametrized')} (4-bit, parametrized)"
+
+
+def weights_by_module_type(model) -> list[WeightGroup]:
+    """A loaded model's parameters grouped by the type of the module that holds them, with
+    their dtypes and bytes as stored (each tensor once): what a quantiser really changed."""
+    groups: dict[str, dict] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        state = _state_bytes(getattr(module, "quant_state", None))  # a parametrization's
+        if not own and not state:
+            continue
+        seen.update(id(p) for p in own)
+        g = groups.setdefault(_group_name(model, name, module), dict(
+            modules=0, tensors=0, bytes=0, scale_bytes=0, dtypes=set()))
+        g["modules"] += bool(own)
+        g["tensors"] += len(own)
+        g["bytes"] += sum(p.numel() * p.element_size() for p in own)
+        g["scale_bytes"] += sum(_scale_bytes(p) for p in own) + state
+        g["dtypes"] |= {str(p.dtype).removeprefix("torch.") for p in own}
+    return sorted((WeightGroup(name, g["modules"], g["tensors"], g["bytes"], g["scale_bytes"],
+                               tuple(sorted(g["dtypes"]))) for name, g in groups.items()),
+                  key=lambda w: -w.bytes)
 
 
 # --- inference state: the KV cache of attention layers and the state of Mamba layers --------
@@ -438,3 +672,20 @@ def measure_cache_bytes(cache) -> CacheBytes:
             if t.numel():
                 dtypes[kind] = str(t.dtype).removeprefix("torch.")
     return CacheBytes(sizes["key_value"], sizes["conv"], sizes["ssm"], dtypes, len(seen))
+
+
+# --- kept measurements of quantised loading -----------------------------------------------
+
+PROBE_FILE = "probe_quantization_h200.json"
+
+
+def kept_quantization_probe(name: str = PROBE_FILE) -> dict | None:
+    """The kept output of ``scripts/probe_quantization.py --json`` in ``data/measurements/``
+    (model, device, versions, one row per mode with the GPU memory a load left allocated and
+    effarch's estimate), or None when no run was kept."""
+    import json
+
+    from effarch import paths
+
+    path = paths.measurements_dir() / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -165,24 +165,47 @@ def load_model(name: str | ModelSpec, *, weights: str = "pretrained", dtype=None
                      trust_remote_code=trust_remote_code, force=force)
 
 
-def _estimate(cfg, dtype, quantization=None) -> int | None:
+def _estimate(cfg, dtype, quantization=None, skip=None, notes=None) -> int | None:
+    name = str(dtype).replace("torch.", "")
+    if quantization is not None:
+        try:  # the modules bitsandbytes replaces, from a meta-device build of the config
+            return memory.estimate_weights_bytes(cfg, name, quantization, skip_modules=skip)
+        except Exception as exc:  # never guess low: size it unquantised instead
+            if notes is not None:
+                notes.append(f"memory checked as if unquantised (quantised size unknown: "
+                             f"{type(exc).__name__})")
     try:
-        return memory.estimate_weights_bytes(cfg, str(dtype).replace("torch.", ""), quantization)
+        return memory.estimate_weights_bytes(cfg, name)
     except Exception:  # a family the formula does not know: no estimate, no guard
         return None
 
 
 def _guard(spec: ModelSpec, cfg, *, dtype, quantization, device: str, force: bool,
            notes: list[str]) -> None:
-    needed = _estimate(cfg, dtype, quantization)
+    needed = _estimate(cfg, dtype, quantization, list(spec.skip_quantization) or None, notes)
     if needed is None:
         notes.append("memory not checked: no footprint formula for this family")
         return
     if force or device == "meta":
         return
-    memory.require(needed, device=device,
+    memory.require(needed, device=device, suggestions=_moe_tips(spec, cfg),
                    what=f"{spec.name} ({str(dtype).replace('torch.', '')}"
                         f"{', ' + quantization if quantization else ''})")
+
+
+def _moe_tips(spec: ModelSpec, cfg) -> tuple[str, ...]:
+    """What to try when an MoE does not fit: bitsandbytes leaves its fused experts in bf16, so
+    "quantise it" alone would mislead (empty: the guard's general advice)."""
+    if not memory.n_routed_experts(cfg):
+        return ()
+    try:
+        q4 = memory.estimate_weights_bytes(cfg, quantization="4bit",
+                                           skip_modules=list(spec.skip_quantization) or None)
+    except Exception:  # no module tree for this family: the general advice
+        return ()
+    return (f"4-bit would still need {q4 / memory.GiB:.1f} GiB: bitsandbytes leaves an MoE's "
+            "fused experts in bf16 (TROUBLESHOOTING.md, 'bitsandbytes on MoE experts')",
+            "use a smaller MoE (OLMoE-1B-7B) or the tiny profile (EFFARCH_PROFILE=tiny)")
 
 
 def _zoo_tokenizer(notes: list[str], standing_in: bool):

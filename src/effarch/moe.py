@@ -1,7 +1,5 @@
-"""Mixture of experts: parameter counts and routing statistics (lab 2.4.3).
-
-Lab 2.4.4 adds the router half here (a reference top-k router, the load-balancing loss, capacity
-dispatch): the sections below keep room for it.
+"""Mixture of experts: parameter counts and routing statistics (lab 2.4.3), and the router
+half (lab 2.4.4).
 
 Letters: T tokens (batch × sequence, flattened in the model's order), E routed experts per MoE
 layer, k experts per token, D domains, N documents. Routing comes from
@@ -18,16 +16,25 @@ takes plain arrays, so it works on any capture.
   with a shuffled baseline; expert shares per domain with a permutation test over documents
   (:func:`domain_test`); the consecutive-token same-expert rate against Σ loadᵢ²
   (:func:`same_expert_rate`).
+- The router: :func:`topk_route` (softmax top-k, renormalised or not: :func:`renormalises`),
+  :func:`load_balancing_loss` (the Switch loss as transformers computes it, or per layer),
+  :func:`capacity_dispatch` and :func:`capacity_sweep` (token dropping), :func:`routed_top_k` and
+  :func:`limit_capacity` (interventions on a real model), :func:`router_cases` (a real block's
+  choices, for checks), :class:`MoEBlock` and :func:`train_moe_block` (training with and without
+  the balancing loss).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import keyword
+import math
 import tokenize
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from effarch import data, memory
 from effarch.memory import MOE_FAMILIES, ParamCount  # noqa: F401  (the labs' names for them)
@@ -555,3 +562,447 @@ def token_expert_concentration(ids, top1, token_ids, n_experts: int) -> dict:
     return dict(count=int(hit.sum()), expert=e, share=float(counts[e] / hit.sum()),
                 load=float(expert_load(top1, n_experts)[e]))
 
+
+
+# ================================================================ the router half (lab 2.4.4)
+#
+# A softmax top-k router (Mixtral, Jamba, OLMoE, Qwen2/3-MoE), the Switch Transformer
+# load-balancing loss exactly as transformers computes it, capacity and token dropping, and
+# interventions on a real model's routing (top-k changed at inference, a capacity imposed).
+
+
+def renormalises(cfg) -> bool:
+    """Whether a softmax top-k family rescales its k weights to sum 1: Mixtral always, Jamba
+    never, OLMoE and Qwen2/3-MoE when ``norm_topk_prob`` (transformers' default: False).
+    Other families weigh the k experts another way (:func:`topk_weighting`): ValueError."""
+    mt = getattr(cfg, "model_type", "")
+    if mt == "mixtral":
+        return True
+    if mt == "jamba":
+        return False
+    if mt in ("olmoe", "qwen2_moe", "qwen3_moe"):
+        return bool(getattr(cfg, "norm_topk_prob", False))
+    raise ValueError(f"{mt or type(cfg).__name__} does not route by a plain softmax top-k "
+                     f"({topk_weighting(cfg)}). {TROUBLE} 'Router exercises'.")
+
+
+def topk_route(logits, k: int, *, norm_topk_prob: bool):
+    """A softmax top-k router's choice (Mixtral, Jamba, OLMoE, Qwen-MoE; Shazeer et al. 2017).
+
+    Softmax over all E experts in float32, then the k largest probabilities, then — only when
+    ``norm_topk_prob`` — divided by their sum (Mixtral does; Jamba and OLMoE do not).
+
+    Args:
+        logits: (T, E) router logits.
+    Returns:
+        ``(weights, indices)``, each (T, k), in descending weight order as ``torch.topk`` gives
+        them: weights float32, indices int64.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)                          # (T, E)
+    weights, indices = torch.topk(probs, k, dim=-1)                        # (T, k)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def _layers(router_logits) -> tuple:
+    if isinstance(router_logits, torch.Tensor):
+        return (router_logits,)
+    layers = tuple(router_logits)
+    if not layers:
+        raise ValueError("router_logits is empty: pass one (T, E) tensor per MoE layer")
+    return layers
+
+
+def _switch_sums(logits, top_k: int, mask):
+    """One layer's (assignment counts (E,), summed router probabilities (E,), tokens counted).
+    Softmax in the logits' dtype, sums in float32, as transformers' load_balancing_loss_func."""
+    probs = torch.softmax(logits, dim=-1)                                  # (T, E)
+    chosen = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)          # (T·k,)
+    weight = mask.repeat_interleave(top_k)                                 # (T·k,)
+    counts = torch.zeros(probs.shape[-1], device=probs.device).scatter_add_(0, chosen, weight)
+    return counts, (probs.float() * mask[:, None]).sum(0), mask.sum()
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None, *,
+                        per_layer: bool = False):
+    """The Switch Transformer auxiliary loss ``N · Σ_i f_i · P_i`` (Fedus et al. 2022, eqs. 4-6)
+    as transformers' ``load_balancing_loss_func`` computes it (Mixtral, Qwen2-MoE, OLMoE, Jamba
+    share it in 5.17 and 5.24; without the coefficient α).
+
+    ``f_i``: the share of tokens that have expert i among their top k (all k choices count, so
+    Σ f_i = k); ``P_i``: the mean router probability of expert i. Pooled: f and P averaged over
+    the tokens of every layer together, then multiplied; uniform routing gives k (2.0 for
+    top-2), every token sent to one expert with probability 1 gives N. ``per_layer=True``: the mean
+    of each layer's own loss (how the zoo's tiny-moe was trained): a layer's dead experts can no
+    longer hide behind another layer's busy ones.
+
+    Args:
+        router_logits: one (T, E) tensor per MoE layer (a tuple, e.g. ``out.router_logits``), or
+            one (T, E) tensor.
+        attention_mask: (b, l) with b·l = T, 0 at padding (left out of f and P), or None.
+    Returns:
+        A scalar tensor (differentiable through P).
+    """
+    layers = _layers(router_logits)
+    if per_layer:
+        return torch.stack([load_balancing_loss((g,), num_experts, top_k, attention_mask)
+                            for g in layers]).mean()
+    dev = layers[0].device
+    mask = (torch.ones(layers[0].shape[0], device=dev) if attention_mask is None
+            else attention_mask.reshape(-1).to(dev, torch.float32))        # (T,)
+    counts, probs, rows = 0.0, 0.0, 0.0
+    for g in layers:
+        c, p, r = _switch_sums(g.to(dev), top_k, mask)
+        counts, probs, rows = counts + c, probs + p, rows + r
+    return num_experts * ((counts / rows) * (probs / rows)).sum()
+
+
+# --- capacity and token dropping -----------------------------------------------------------
+
+
+def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Assignments one expert takes: ceil(capacity_factor · T · k / E) (Switch Transformer §2.2;
+    capacity factor 1 is exactly the even share)."""
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+    return math.ceil(capacity_factor * tokens * top_k / num_experts - 1e-9)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Which routing assignments reach their expert when each expert takes ``capacity``.
+
+    ``kept`` (T, k) bool; ``slot`` (T, k) int64: the assignment's place in its expert's buffer
+    (-1 when dropped); ``dropped_tokens`` (n,) int64: tokens none of whose k assignments was
+    kept (only the residual connection carries them past the layer); ``load`` (E,) assignments
+    each expert was sent, before the capacity cut.
+    """
+
+    capacity: int
+    kept: torch.Tensor
+    slot: torch.Tensor
+    dropped_tokens: torch.Tensor
+    load: torch.Tensor
+
+    @property
+    def drop_rate(self) -> float:
+        """Share of the T·k assignments dropped."""
+        return float(1 - self.kept.float().mean())
+
+    @property
+    def token_drop_rate(self) -> float:
+        """Share of tokens that lost every assignment."""
+        return len(self.dropped_tokens) / self.kept.shape[0]
+
+
+def capacity_dispatch(indices, num_experts: int, capacity_factor: float, *,
+                      priority=None) -> Dispatch:
+    """Token dropping at a fixed expert capacity C = :func:`expert_capacity` (Switch
+    Transformer, GShard): each expert takes at most C assignments, the rest are dropped.
+
+    Service order: every token's first choice before any token's second choice (GShard's top-2
+    gating: a second choice never displaces a first), and within one choice rank by position,
+    first come first served — or, with ``priority`` (T,), highest first (Batch Prioritized
+    Routing, Riquelme et al. 2021, e.g. each token's largest router weight).
+
+    Args:
+        indices: (T, k) experts chosen per token (``topk_route``'s second output).
+    """
+    indices = torch.as_tensor(indices).long()
+    t, k = indices.shape
+    cap = expert_capacity(t, k, num_experts, capacity_factor)
+    order = (torch.arange(t) if priority is None
+             else torch.argsort(torch.as_tensor(priority).float().reshape(t), descending=True,
+                                stable=True))
+    flat = indices[order].T.reshape(-1)                     # (k·T,) choice-major service order
+    by_expert = torch.argsort(flat, stable=True)            # grouped by expert, order kept
+    counts = torch.bincount(flat, minlength=num_experts)
+    first = torch.cumsum(counts, 0) - counts                # where each expert's group starts
+    place = torch.empty_like(flat)                          # (k·T,) place in the expert's buffer
+    place[by_expert] = torch.arange(len(flat)) - first[flat[by_expert]]
+    slot = torch.empty_like(indices)
+    slot[order] = place.reshape(k, t).T
+    kept = slot < cap
+    slot = torch.where(kept, slot, torch.full_like(slot, -1))
+    return Dispatch(cap, kept, slot, torch.nonzero(~kept.any(-1)).reshape(-1),
+                    torch.bincount(indices.reshape(-1), minlength=num_experts))
+
+
+def capacity_sweep(index, weights, num_experts: int, factors, *, dispatch=None) -> list[dict]:
+    """Token dropping at each capacity factor of ``factors``, in position order and by
+    priority (each token's largest weight), over one layer's routing: the share of assignments
+    dropped, of tokens that lost every assignment, and of the routing weight that was dropped.
+
+    Args:
+        index, weights: (T, k) experts chosen and their weights.
+        dispatch: a ``(indices, E, capacity_factor) -> (capacity, kept)`` function for the
+            position order (the lab's exercise); :func:`capacity_dispatch` by default.
+    """
+    index, weights = torch.as_tensor(index), torch.as_tensor(weights).float()
+    rows = []
+    for cf in factors:
+        for order in ("position", "priority"):
+            if order == "position" and dispatch is not None:
+                cap, kept = dispatch(index, num_experts, cf)
+                kept = torch.as_tensor(kept).bool()
+            else:
+                prio = weights.max(-1).values if order == "priority" else None
+                d = capacity_dispatch(index, num_experts, cf, priority=prio)
+                cap, kept = d.capacity, d.kept
+            rows.append(dict(
+                capacity_factor=cf, order=order, capacity=int(cap),
+                assignments_dropped=float(1 - kept.float().mean()),
+                tokens_dropped=float((~kept.any(-1)).float().mean()),
+                weight_dropped=float((weights * ~kept).sum() / weights.sum())))
+    return rows
+
+
+# --- interventions on a real model's routing ------------------------------------------------
+
+
+def _blocks(model) -> dict:
+    from effarch import hooks
+
+    blocks = hooks.find_moe_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no mixture-of-experts layer. "
+                         f"{TROUBLE} 'Router exercises'.")
+    return blocks
+
+
+@contextlib.contextmanager
+def routed_top_k(model, k: int):
+    """Inside the block every MoE layer of ``model`` sends each token to ``k`` experts instead
+    of the k it was trained with (the ``top_k`` its block and router read; transformers 5.17
+    and 5.24) — weights computed by the family's own rule; the old k is restored on exit."""
+    blocks, saved = _blocks(model), []
+    n = n_experts(model.config)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and E = {n}, got {k}")
+    for block, router, _ in blocks.values():
+        holders = [m for m in (block, router) if isinstance(getattr(m, "top_k", None), int)]
+        if not holders:
+            raise ValueError(f"{type(block).__name__} keeps no top_k to change. "
+                             f"{TROUBLE} 'Router exercises'.")
+        saved += [(m, m.top_k) for m in holders]
+    saved.append((model.config, model.config.num_experts_per_tok))
+    try:
+        for m, _ in saved[:-1]:
+            m.top_k = k
+        model.config.num_experts_per_tok = k
+        yield model
+    finally:
+        for m, old in saved[:-1]:
+            m.top_k = old
+        model.config.num_experts_per_tok = saved[-1][1]
+
+
+def _drop_hook(capacity_factor, priority, dispatches, module, args, kwargs):
+    """Forward pre-hook on an experts module: zero the weights of the assignments dropped at
+    ``capacity_factor`` (the token keeps its residual; no renormalisation, as in Switch)."""
+    slots = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())
+    tensors = [(key, a) for key, a in slots if isinstance(a, torch.Tensor)]
+    index = next((a for _, a in tensors if not a.is_floating_point()), None)
+    key, weight = next(((key, a) for key, a in tensors if index is not None
+                        and a.is_floating_point() and a.shape == index.shape), (None, None))
+    if weight is None:
+        raise RuntimeError("limit_capacity: the experts were called without (top_k_index, "
+                           f"top_k_weights). {TROUBLE} 'Router exercises'.")
+    prio = weight.max(-1).values.float().cpu() if priority else None
+    d = capacity_dispatch(index.cpu(), module_experts(module), capacity_factor, priority=prio)
+    dispatches.append(d)
+    new = weight * d.kept.to(weight.device, weight.dtype)
+    if isinstance(key, int):
+        return tuple(new if i == key else a for i, a in enumerate(args)), kwargs
+    return args, {**kwargs, key: new}
+
+
+def module_experts(experts) -> int:
+    """E of a fused experts module (its 3-D parameters' first size)."""
+    return next(p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3)
+
+
+@contextlib.contextmanager
+def limit_capacity(model, capacity_factor: float, *, priority: bool = False):
+    """Inside the block every MoE layer of ``model`` takes at most
+    ceil(capacity_factor · T · k / E) assignments per expert per forward call (T: the call's
+    tokens, padding included): :func:`capacity_dispatch` in position order, or with
+    ``priority`` by each token's largest weight; dropped assignments contribute nothing.
+    Yields the list of :class:`Dispatch` es, one per layer per call."""
+    from functools import partial
+
+    dispatches: list[Dispatch] = []
+    handles = [experts.register_forward_pre_hook(
+        partial(_drop_hook, capacity_factor, priority, dispatches), with_kwargs=True)
+        for _, _, experts in _blocks(model).values()]
+    try:
+        yield dispatches
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def quantize_experts_4bit(model) -> int:
+    """Quantise every fused expert tensor of ``model`` to 4-bit NF4 in place with bitsandbytes'
+    experimental ``bnb.nn.parametrize.replace_parameter_4bit`` (bitsandbytes ≥ 0.48; transformers
+    5.17 and 5.24 never call it): each tensor is stored packed with its absmax scales and
+    dequantised whole when the experts run. Returns how many tensors were quantised."""
+    try:
+        from bitsandbytes.nn.parametrize import replace_parameter_4bit
+    except ImportError as exc:
+        raise ImportError(f"quantize_experts_4bit needs bitsandbytes >= 0.48 ({exc}). "
+                          f"{TROUBLE} 'bitsandbytes on MoE experts'.") from exc
+    done = 0
+    for _, _, experts in _blocks(model).values():
+        for name, p in list(experts.named_parameters(recurse=False)):
+            if p.dim() == 3:
+                replace_parameter_4bit(experts, name, quant_type="nf4")
+                done += 1
+    return done
+
+
+# --- a small reference MoE layer, and training it with and without the balancing loss -------
+
+
+class Experts(torch.nn.Module):
+    """E SwiGLU experts as one module of fused 3-D parameters, as transformers 5 holds them:
+    ``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I). A plain loop over the experts."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(num_experts, 2 * intermediate,
+                                                           hidden) / hidden ** 0.5)
+        self.down_proj = torch.nn.Parameter(torch.randn(num_experts, hidden, intermediate)
+                                            / intermediate ** 0.5)
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        """hidden (T, H), top_k_index and top_k_weights (T, k) → (T, H): Σ_j w_j · expert_j(x)."""
+        out = torch.zeros_like(hidden)
+        for e in range(self.gate_up_proj.shape[0]):
+            token, slot = torch.where(top_k_index == e)                    # (n,), (n,)
+            if token.numel():
+                gate, up = (hidden[token] @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+                y = (torch.nn.functional.silu(gate) * up) @ self.down_proj[e].T  # (n, H)
+                out.index_add_(0, token, y * top_k_weights[token, slot, None].to(y.dtype))
+        return out
+
+
+class MoEBlock(torch.nn.Module):
+    """A reference MoE layer: a linear router H → E, :func:`topk_route`, :class:`Experts`.
+
+    ``forward(x)`` with x (..., H) returns ``(y, router_logits, top_k_index)``: y (..., H),
+    logits (T, E) and index (T, k) with T the tokens of x. ``effarch.hooks.capture_routing``
+    finds it like a transformers MoE block.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, *,
+                 norm_topk_prob: bool = True) -> None:
+        super().__init__()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.router = torch.nn.Linear(hidden, num_experts, bias=False)
+        self.experts = Experts(hidden, intermediate, num_experts)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])                                   # (T, H)
+        logits = self.router(flat)                                          # (T, E)
+        weights, index = topk_route(logits, self.top_k, norm_topk_prob=self.norm_topk_prob)
+        return self.experts(flat, index, weights).reshape(x.shape), logits, index
+
+
+# --- real routing, as exercise cases ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouterCase:
+    """One MoE layer's routing of real tokens: its router's logits, and what the block chose
+    (``weights`` as they multiplied the experts, in the model's precision)."""
+
+    model: str
+    layer: int
+    logits: torch.Tensor    # (T, E) float32
+    k: int
+    norm_topk_prob: bool
+    weights: torch.Tensor   # (T, k) float32 (values of the model's dtype)
+    index: torch.Tensor     # (T, k) int64
+    dtype: str              # the model's dtype: bfloat16 weights are rounded to 8 bits
+
+
+def router_cases(model, input_ids, *, name: str, attention_mask=None) -> list[RouterCase]:
+    """Run ``model`` on ``input_ids`` (b, l) and return one :class:`RouterCase` per MoE layer
+    (real tokens only), read by ``effarch.hooks.capture_routing``."""
+    from effarch import hooks
+
+    norm = renormalises(model.config)
+    dev = next(model.parameters()).device
+    kw = {} if attention_mask is None else {"attention_mask": attention_mask.to(dev)}
+    with hooks.capture_routing(model) as trace, torch.no_grad():
+        model(input_ids=input_ids.to(dev), use_cache=False, **kw)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    cases = []
+    for layer in trace.moe_layers:
+        index, weight, logits = trace.tokens(layer)
+        cases.append(RouterCase(name, layer, logits, index.shape[1], norm, weight, index, dtype))
+    return cases
+
+
+@dataclass(frozen=True)
+class BalanceRun:
+    """One training run of a :class:`MoEBlock` (lab 2.4.4, Part E).
+
+    ``load`` (steps, E): each expert's share of the step's top-k assignments; ``mse`` and
+    ``aux`` (steps,): the task loss and the balancing loss (computed every step, minimised only
+    when ``aux_coef`` > 0); ``val_mse`` and ``val_load`` (E,): on held-out pairs after training.
+    """
+
+    aux_coef: float
+    seed: int
+    load: np.ndarray
+    mse: np.ndarray
+    aux: np.ndarray
+    val_mse: float
+    val_load: np.ndarray
+
+    def starved(self, last: int = 50) -> int:
+        """Experts with under a quarter of the even share 1/E over the last steps."""
+        load = self.load[-last:].mean(0)
+        return int((load < 0.25 / len(load)).sum())
+
+
+def next_vector_pairs(ids: np.ndarray, table: torch.Tensor, positions: np.ndarray):
+    """The regression task of Part E: each token's vector (a row of ``table``, (V, H)) and the
+    next token's, at ``positions`` of the token stream ``ids``: x, y each (n, H)."""
+    return table[torch.from_numpy(ids[positions])], table[torch.from_numpy(ids[positions + 1])]
+
+
+def train_moe_block(ids: np.ndarray, table: torch.Tensor, val_ids: np.ndarray, *,
+                    aux_coef: float, seed: int, steps: int = 400, num_experts: int = 16,
+                    top_k: int = 2, intermediate: int = 64, lr: float = 5e-3,
+                    batch: int = 1024, progress: bool = False) -> BalanceRun:
+    """Train a :class:`MoEBlock` (renormalised top-k) to map a token's vector to the next
+    token's (mean squared error), with Adam, minimising ``mse + aux_coef · aux`` where aux is
+    :func:`load_balancing_loss`; everything drawn from ``seed``. ``val_ids``: a held-out token
+    stream, 8,192 pairs of which are scored after training."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    block = MoEBlock(table.shape[1], intermediate, num_experts, top_k)
+    opt = torch.optim.Adam(block.parameters(), lr=lr)
+    load, mse, aux = [], [], []
+    for _ in tqdm(range(steps), desc=f"aux_coef {aux_coef}", disable=not progress, leave=False):
+        x, y = next_vector_pairs(ids, table, rng.integers(0, len(ids) - 1, batch))
+        out, logits, index = block(x)
+        task, balance = ((out - y) ** 2).mean(), load_balancing_loss(logits, num_experts, top_k)
+        opt.zero_grad()
+        (task + aux_coef * balance).backward()
+        opt.step()
+        load.append(np.bincount(index.reshape(-1).numpy(), minlength=num_experts) / index.numel())
+        mse.append(task.item())
+        aux.append(balance.item())
+    with torch.no_grad():
+        x, y = next_vector_pairs(val_ids, table, rng.integers(0, len(val_ids) - 1, 8192))
+        out, _, index = block(x)
+    return BalanceRun(aux_coef, seed, np.array(load), np.array(mse), np.array(aux),
+                      float(((out - y) ** 2).mean()),
+                      np.bincount(index.reshape(-1).numpy(), minlength=num_experts) / index.numel())

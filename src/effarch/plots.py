@@ -404,3 +404,102 @@ def lora_sweep(sweep, *, device: str, axes=None):
     _two_line_title(right, "Training state against rank", device)
     fig.tight_layout()
     return fig
+
+
+# --- lab 2.4.4: the router -------------------------------------------------------------------
+
+
+def layer_loads(loads: Mapping[str, Sequence[float]], *, device: str, title: str = "Expert load",
+                ax=None):
+    """Each MoE layer's expert load (share of top-k assignments) as bars, experts sorted from
+    busiest to idlest, against the even share 1/E (lab 2.4.4, Part D). ``loads``: label → (E,)."""
+    import numpy as np
+
+    fig, ax = _figure(ax, size=(8, 3.8))
+    n = len(loads)
+    for j, (label, load) in enumerate(loads.items()):
+        load = np.sort(np.asarray(load, dtype=float))[::-1]
+        x = np.arange(len(load)) + (j - (n - 1) / 2) * 0.8 / n
+        ax.bar(x, load, width=0.8 / n, label=label)
+    e = max(len(v) for v in loads.values())
+    ax.axhline(1 / e, color="black", linestyle="--", label=f"even share 1/{e}")
+    return _label(fig, ax, "expert rank (busiest first)", "share of the top-k assignments",
+                  title, device)
+
+
+def capacity_curves(factors: Sequence[float], curves: Mapping[str, Sequence[float]], *,
+                    device: str, ylabel: str = "share dropped",
+                    title: str = "Token dropping against capacity factor", ax=None):
+    """Drop rates (or any measure) against the capacity factor, one line per curve; a dotted
+    line at capacity factor 1, the even share (lab 2.4.4, Part C)."""
+    fig, ax = _figure(ax)
+    for label, values in curves.items():
+        ax.plot(factors, values, marker="o", markersize=3, label=label)
+    ax.axvline(1.0, color="grey", linestyle=":", label="capacity = even share")
+    ax.set_ylim(bottom=0)
+    return _label(fig, ax, "capacity factor (capacity ÷ even share T·k/E)", ylabel, title, device)
+
+
+def topk_quality(ks: Sequence[int], perplexity: Mapping[str, Sequence[float]], *, device: str,
+                 trained_k: int | None = None, title: str = "Perplexity against experts per token",
+                 ax=None):
+    """Perplexity against the number of experts each token uses at inference, one line per
+    model; a dotted line at the k the model was trained with (lab 2.4.4, Part D)."""
+    fig, ax = _figure(ax)
+    for label, values in perplexity.items():
+        ax.plot(ks, values, marker="o", label=label)
+    if trained_k is not None:
+        ax.axvline(trained_k, color="grey", linestyle=":", label=f"trained with k = {trained_k}")
+    ax.set_xticks(list(ks))
+    return _label(fig, ax, "experts per token at inference (k)", "perplexity (validation text)",
+                  title, device)
+
+
+def load_over_steps(runs: Mapping[str, object], *, device: str, title: str = "Expert load "
+                    "during training", axes=None):
+    """Each expert's share of the assignments at every training step, stacked (one colour per
+    expert, the same expert in the same colour), one panel per run (lab 2.4.4, Part E).
+    ``runs``: label → (steps, E) array."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if axes is None:
+        fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.8), sharey=True,
+                                 squeeze=False)
+        axes = axes[0]
+    fig = axes[0].figure
+    for ax, (label, load) in zip(axes, runs.items(), strict=True):
+        load = np.asarray(load, dtype=float)
+        e = load.shape[1]
+        colours = matplotlib.colormaps["tab20"](np.arange(e) % 20)
+        ax.stackplot(np.arange(len(load)), load.T, colors=colours, linewidth=0)
+        for j in range(1, e):
+            ax.axhline(j / e, color="white", linewidth=0.4, alpha=0.6)
+        ax.set_xlim(0, len(load) - 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("training step")
+        ax.set_title(label, fontsize=10)
+    axes[0].set_ylabel("share of the assignments (stacked by expert)")
+    fig.suptitle(f"{title} — {device_name(device)}")
+    fig.tight_layout()
+    return fig
+
+
+def capacity_bars(load, kept, capacity: int, *, layer: int, capacity_factor: float, device: str,
+                  ax=None):
+    """One MoE layer's assignments per expert at a capacity: kept (solid) and dropped (hatched)
+    against the capacity C (lab 2.4.4, Part C). ``load``, ``kept``: (E,) counts."""
+    import numpy as np
+
+    load, kept = np.asarray(load), np.asarray(kept)
+    e = len(load)
+    fig, ax = _figure(ax, size=(min(max(6.0, 0.3 * e + 2), 16), 3.6))
+    x = np.arange(e)
+    ax.bar(x, kept, label="kept")
+    ax.bar(x, load - kept, bottom=kept, hatch="//", alpha=0.5, label="dropped")
+    ax.axhline(capacity, color="black", linestyle="--", label=f"capacity C = {capacity}")
+    ax.axhline(load.sum() / e, color="grey", linestyle=":", label="even share T·k/E")
+    ax.set_xticks(x[:: max(1, e // 16)])
+    return _label(fig, ax, "expert", "assignments",
+                  f"Layer {layer}, capacity factor {capacity_factor:g}", device)

@@ -68,6 +68,10 @@ _MAMBA = dict(state_size=16, expand=2, conv_kernel=4, vocab_size=50280, tie_word
               pad_vocab_size_multiple=8, time_step_rank="auto", use_conv_bias=True, use_bias=False,
               layer_norm_epsilon=1e-5, residual_in_fp32=True, bos_token_id=0, eos_token_id=0)
 _MAMBA_SKIP = ("dt_proj", "lm_head")  # 8-bit Mamba needs these in float ("expected scalar type Float but found Char")
+# AI21 keeps Jamba's Mamba layers unquantised (its model card: llm_int8_skip_modules=["mamba"]);
+# transformers 5 matches skip names from the start of a module's name or as its suffix, so
+# "mamba" alone no longer matches "model.layers.0.mamba.in_proj" (tests/test_memory.py).
+_JAMBA_SKIP = (r"model\.layers\.\d+\.mamba", "lm_head")
 
 REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("mamba-130m", "mamba", "state-spaces/mamba-130m-hf", family="mamba",
@@ -124,7 +128,7 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
                           mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=256,
                           mamba_conv_bias=True, mamba_proj_bias=False,
                           max_position_embeddings=262144, tie_word_embeddings=False),
-              published_params=51.6e9, published_active=12e9, skip_quantization=("mamba",),
+              published_params=51.6e9, published_active=12e9, skip_quantization=_JAMBA_SKIP,
               note="for the memory table; bf16 ~103 GB"),
     ModelSpec("deepseek-moe-16b", "moe", "deepseek-ai/deepseek-moe-16b-base",
               family="deepseek", remote_code=True, published_params=16.4e9,

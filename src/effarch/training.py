@@ -17,13 +17,12 @@ import hashlib
 import math
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from effarch import backends, data, zoo
+from effarch import backends, data, moe, zoo
 
 LOG_FIELDS = ("step", "tokens", "train_loss", "aux_loss", "val_loss", "lr", "elapsed_s")
 
@@ -169,15 +168,14 @@ def balancing_loss(out, model, *, per_layer: bool) -> torch.Tensor:
     """The load-balancing loss of a forward with ``output_router_logits=True``: transformers'
     own (``out.aux_loss``: f and P pooled over all MoE layers, so one layer's dead experts can
     hide behind another's busy ones), or with ``per_layer`` the same function applied to each
-    layer's (b·l, E) router logits and averaged (Switch Transformer's per-layer form). Uniform
-    top-2 routing gives 2.0 either way."""
+    layer's (b·l, E) router logits and averaged (Switch Transformer's per-layer form:
+    ``effarch.moe.load_balancing_loss(..., per_layer=True)``). Uniform top-2 routing gives 2.0
+    either way."""
     if not per_layer:
         return out.aux_loss
     cfg = model.config
-    lb = sys.modules[type(model).__module__].load_balancing_loss_func
-    experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
-    return torch.stack([lb((g,), experts, cfg.num_experts_per_tok)
-                        for g in out.router_logits]).mean()
+    return moe.load_balancing_loss(out.router_logits, moe.n_experts(cfg),
+                                   cfg.num_experts_per_tok, per_layer=True)
 
 
 def train_step(model, optimizer, scheduler, x: torch.Tensor, *, grad_clip: float,
