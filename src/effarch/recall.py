@@ -281,13 +281,14 @@ class TrainConfig:
     batch_size: int = 64
     seq_len: int = 128
     pairs: tuple[int, ...] = (4, 8, 16, 32)  # each batch draws one of these
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 100
     seed: int = 0
     eval_every: int = 250
     eval_examples: int = 256
     scan: str = "parallel"
+    max_seconds: float | None = None  # stop early (logged) when a model's training passes this
 
 
 @dataclass
@@ -299,6 +300,7 @@ class TrainResult:
     config: dict
     log: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
+    stopped_early: str | None = None
 
 
 def _lr(step: int, cfg: TrainConfig) -> float:
@@ -316,16 +318,36 @@ def evaluate(model, *, pairs: Sequence[int], seq_len: int, vocab_size: int, exam
             for d in pairs}
 
 
-def train(model, spec: RecallModelSpec, cfg: TrainConfig, *,
-          log: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train ``model`` on fresh MQAR batches (the seed fixes every batch) and evaluate every
-    ``cfg.eval_every`` steps; ``log(row)`` sees each evaluation row as it is made."""
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(cfg.seed)
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, with weight decay on the matrices but not on embeddings, norms, biases, A_log, D."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def _step(model, opt, batch: MQARBatch, lr: float) -> torch.Tensor:
+    """One optimiser step on one batch; returns the loss (a 0-d tensor)."""
+    device = next(model.parameters()).device
+    for group in opt.param_groups:
+        group["lr"] = lr
+    logits = model(input_ids=batch.inputs.to(device), use_cache=False).logits   # (b, L, V)
+    loss = recall_loss(logits, batch.targets.to(device))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+
+def train(model, spec: RecallModelSpec, cfg: TrainConfig, *,
+          log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``model`` on fresh MQAR batches (``cfg.seed`` fixes every batch, each with a number
+    of pairs drawn from ``cfg.pairs``) and evaluate every ``cfg.eval_every`` steps on held-out
+    batches; ``log(row)`` sees each evaluation row as it is made. Mamba layers train through
+    ``cfg.scan`` (:func:`training_scan`)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = _optimizer(model, cfg)
     result = TrainResult(spec.name, parameter_count(model), {**asdict(spec), **asdict(cfg)})
     start = time.perf_counter()
     model.train()
@@ -334,29 +356,37 @@ def train(model, spec: RecallModelSpec, cfg: TrainConfig, *,
             d = cfg.pairs[int(torch.randint(len(cfg.pairs), (1,), generator=gen))]
             batch = mqar_batch(cfg.batch_size, num_pairs=d, seq_len=cfg.seq_len,
                                vocab_size=spec.vocab_size, seed=gen)
-            for group in opt.param_groups:
-                group["lr"] = _lr(step, cfg)
-            logits = model(input_ids=batch.inputs.to(device), use_cache=False).logits
-            loss = recall_loss(logits, batch.targets.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                acc = evaluate(model, pairs=cfg.pairs, seq_len=cfg.seq_len,
-                               vocab_size=spec.vocab_size, examples=cfg.eval_examples,
-                               seed=cfg.seed)
-                row = {"step": step + 1, "loss": float(loss), "seconds":
-                       time.perf_counter() - start, **{f"acc@{k}": v for k, v in acc.items()}}
-                result.log.append(row)
-                if log is not None:
-                    log(row)
+            loss = _step(model, opt, batch, _lr(step, cfg))
+            if (step + 1) % cfg.eval_every and step + 1 != cfg.steps:
+                continue
+            acc = evaluate(model, pairs=cfg.pairs, seq_len=cfg.seq_len,
+                           vocab_size=spec.vocab_size, examples=cfg.eval_examples, seed=cfg.seed)
+            row = {"step": step + 1, "loss": loss.item(), "seconds": time.perf_counter() - start,
+                   **{f"acc@{k}": v for k, v in acc.items()}}
+            result.log.append(row)
+            if log is not None:
+                log(row)
+            if cfg.max_seconds is not None and row["seconds"] > cfg.max_seconds:
+                result.stopped_early = f"time cap of {cfg.max_seconds:.0f} s at step {step + 1}"
+                break
     result.wall_s = time.perf_counter() - start
     model.eval()
     return result
 
 
 # ------------------------------------------------------------------------ shipped models
+
+# The set scripts/train_recall.py trains and data/recall ships: the same width, depth and
+# vocabulary for all; Mamba at three state sizes (16 is the hybrid's and Mamba's default).
+SHIPPED = (RecallModelSpec("attention"), RecallModelSpec("mamba", d_state=4),
+           RecallModelSpec("mamba", d_state=16), RecallModelSpec("mamba", d_state=64),
+           RecallModelSpec("hybrid", d_state=16))
+SHIPPED_TRAINING = TrainConfig(steps=6000, batch_size=64, seq_len=128, pairs=(4, 8, 16, 32),
+                               lr=1e-3, warmup=200, eval_every=500, eval_examples=256)
+SMOKE = dict(d_model=16, heads=2, vocab_size=64, max_len=32)
+SMOKE_TRAINING = TrainConfig(steps=6, batch_size=8, seq_len=32, pairs=(2, 4), warmup=2,
+                             eval_every=3, eval_examples=8)
+MANIFEST = "manifest.json"
 
 
 def recall_dir() -> Path:
@@ -365,8 +395,60 @@ def recall_dir() -> Path:
 
 
 def save(model, result: TrainResult, folder: Path) -> None:
-    """Save a trained recall model in fp16 safetensors with its config and training log."""
+    """Save a trained recall model as fp16 safetensors with its config and training log."""
     folder.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     model.float()
     (folder / "train_log.json").write_text(json.dumps(asdict(result), indent=1) + "\n")
+
+
+def write_manifest(out: Path, entries: list[dict], meta: dict) -> Path:
+    """``<out>/manifest.json``: one entry per model (folder, spec, parameters, final
+    accuracies, wall time) and how the run went (device, versions, seed, command)."""
+    path = out / MANIFEST
+    path.write_text(json.dumps({"models": entries, **meta}, indent=1) + "\n")
+    return path
+
+
+def load_shipped(folder: Path | None = None, *, device="cpu") -> list[tuple[RecallModelSpec,
+                                                                          object, dict]]:
+    """The recall models of ``folder`` (default ``data/recall``) in float32, in manifest order:
+    ``(spec, model, manifest entry)`` each. Raises ``FileNotFoundError`` naming the section of
+    TROUBLESHOOTING.md when they are missing."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder or recall_dir())
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(
+            f"the recall models are missing or unreadable ({folder / MANIFEST}: {exc}). Retrain "
+            "them with `python scripts/train_recall.py` (GPU: a few minutes) or restore them "
+            "with `git checkout -- data/recall`. See TROUBLESHOOTING.md, section "
+            "'Missing data files'.") from None
+    out = []
+    for entry in manifest["models"]:
+        spec = RecallModelSpec(**entry["spec"])
+        model = AutoModelForCausalLM.from_pretrained(folder / entry["folder"],
+                                                     dtype=torch.float32).to(device).eval()
+        out.append((spec, model, entry))
+    return out
+
+
+def accuracy_table(loaded, *, pairs: Sequence[int], seq_len: int, examples: int, seed: int):
+    """Accuracy of each loaded model at each number of pairs, on the same seeded test batches
+    for every model: a DataFrame with model, arch, d_state, parameters, state_elements,
+    num_pairs, accuracy, examples."""
+    import pandas as pd
+
+    rows = []
+    for d in pairs:
+        batch = mqar_batch(examples, num_pairs=d, seq_len=seq_len, seed=seed + d,
+                           vocab_size=loaded[0][0].vocab_size)
+        for spec, model, _ in loaded:
+            rows.append({"model": spec.name, "arch": spec.arch,
+                         "d_state": spec.d_state if spec.arch != "attention" else 0,
+                         "parameters": parameter_count(model),
+                         "state_elements": state_elements(spec, seq_len), "num_pairs": d,
+                         "accuracy": accuracy(model, batch), "examples": examples})
+    return pd.DataFrame(rows)
