@@ -277,3 +277,142 @@ def test_guide_recall_question():
     assert answer.answer == "attention" and "d_state 64" in answer.because
     recall.loc[recall.model == "attention-d64", "accuracy"] = 0.5
     assert compare.choose_for_recall(recall).answer == "mamba"
+
+
+# --------------------------------------------------------------------- the exercise checks
+
+
+@pytest.fixture
+def no_strict(monkeypatch):
+    from effarch import checks
+
+    monkeypatch.delenv("EFFARCH_STRICT", raising=False)
+    checks.reset()
+    yield checks
+    checks.reset()
+
+
+def _split(zoo_table, name="tiny-hybrid"):
+    first = zoo_table[zoo_table.model != name].reset_index(drop=True)
+    first.attrs = {**zoo_table.attrs, "skipped": []}
+    added = zoo_table[zoo_table.model == name].reset_index(drop=True)
+    added.attrs = {**zoo_table.attrs, "skipped": []}
+    return first, added
+
+
+def _last(checks):
+    return checks.history()[-1]
+
+
+def test_check_added_model_passes_the_harness_rows(zoo_table, no_strict):
+    first, added = _split(zoo_table)
+    got = no_strict.check_added_model(lambda t, n: compare.combine(t, added), first,
+                                      "tiny-hybrid", reference=lambda t, n: "reference")
+    assert _last(no_strict).status == "pass" and len(got) == len(zoo_table)
+
+
+def _wrong_additions(added, first):
+    hand = added[["model", "context", "batch_size", "state_bytes"]]
+    kv_only = added.assign(state_bytes=added.kv_bytes)
+    short = added[added.context == 8]
+    manual = added.assign(path="measured by hand")
+    other_dtype = added.assign(dtype="torch.bfloat16")
+    return {
+        "lack the harness's columns": lambda t, n: compare.combine(t, hand),
+        "is the KV cache only": lambda t, n: compare.combine(t, kv_only),
+        "changed or were dropped": lambda t, n: added,
+        "no row and no skip reason at (context, batch) [(40, 1)": lambda t, n:
+            compare.combine(t, short),
+        "is not one the harness writes": lambda t, n: compare.combine(t, manual),
+        "measured with dtype ['torch.bfloat16']": lambda t, n: compare.combine(t, other_dtype),
+        "measured twice": lambda t, n: compare.combine(t, added, added),
+    }
+
+
+def test_check_added_model_names_the_likely_cause(zoo_table, no_strict):
+    first, added = _split(zoo_table)
+    for cause, student in _wrong_additions(added, first).items():
+        got = no_strict.check_added_model(student, first, "tiny-hybrid",
+                                          reference=lambda t, n: "reference")
+        result = _last(no_strict)
+        assert got == "reference" and result.status == "fail", cause
+        assert cause in "\n".join(result.details), (cause, result.details)
+
+
+def test_check_added_model_not_attempted_measures_the_reference(zoo_table, no_strict):
+    first, _ = _split(zoo_table)
+
+    def stub(table, name):
+        raise NotImplementedError("Exercise: measure it")
+
+    assert no_strict.check_added_model(stub, first, "tiny-hybrid",
+                                       reference=lambda t, n: "reference") == "reference"
+    assert _last(no_strict).status == "skip"
+
+
+def test_check_crossover_passes_the_reference_and_names_mistakes(zoo_table, no_strict):
+    from effarch import checks
+
+    ok = no_strict.check_crossover(compare.crossover_context, zoo_table, "tiny-mamba",
+                                   "tiny-transformer")
+    assert ok is compare.crossover_context and _last(no_strict).status == "pass"
+    for cause, wrong in checks._crossover_variants().items():
+        got = no_strict.check_crossover(wrong, zoo_table, "tiny-mamba", "tiny-transformer")
+        assert got is compare.crossover_context and _last(no_strict).status == "fail"
+        assert f"likely cause: you {cause}" in _last(no_strict).details, cause
+
+
+def test_check_memory_choice_passes_the_reference_and_names_mistakes(zoo_table, no_strict):
+    from effarch import checks
+
+    def reference(table):
+        return compare.choose_for_memory(table).answer
+
+    assert no_strict.check_memory_choice(reference, zoo_table) is reference
+    assert _last(no_strict).status == "pass"
+    for cause, wrong in checks._memory_variants().items():
+        no_strict.check_memory_choice(wrong, zoo_table)
+        assert _last(no_strict).status == "fail"
+        assert f"likely cause: you {cause}" in _last(no_strict).details, cause
+
+
+def test_strict_mode_raises_on_a_wrong_crossover(zoo_table, monkeypatch):
+    from effarch import checks
+
+    monkeypatch.setenv("EFFARCH_STRICT", "1")
+    with pytest.raises(checks.CheckFailed):
+        checks.check_crossover(lambda c, a, b: None, zoo_table, "tiny-mamba", "tiny-transformer")
+    checks.reset()
+
+
+# ---------------------------------------------------------------------------------- plots
+
+
+def test_the_plots_draw_the_measured_points(zoo_table):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from effarch import plots
+
+    fig = plots.state_vs_context(zoo_table, device="cpu")
+    assert len(fig.axes[0].get_lines()) == len(ZOO)
+    line = fig.axes[0].get_lines()[1]  # tiny-mamba, in table order
+    assert list(line.get_xdata()) == [8, 40] and len(set(line.get_ydata())) == 1
+    cross = compare.Crossover("a", "b", 1, (8, 40), (-1.0, 1.0), 20.0, None, "s")
+    fig = plots.decode_vs_context(zoo_table, device="cpu", crossover=cross)
+    assert any("crossover" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    fig = plots.throughput_vs_batch(zoo_table, device="cpu", context=40)
+    assert len(fig.axes[0].containers) == len(ZOO)  # one errorbar container per model
+    fig = plots.pareto({"a": (1, 2), "b": (2, 1), "c": (3, 3)}, front=[True, True, False],
+                       device="cpu", xlabel="x", ylabel="y", title="t")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["a", "b", "c"]
+    recall_rows = pd.DataFrame([
+        {"model": m, "arch": a, "d_state": d, "num_pairs": p, "accuracy": acc}
+        for m, a, d in (("att", "attention", 0), ("m4", "mamba", 4), ("m16", "mamba", 16))
+        for p, acc in ((4, 0.9), (16, 0.5))])
+    assert len(plots.recall_vs_pairs(recall_rows, device="cpu").axes[0].get_lines()) == 3
+    fig = plots.recall_vs_state(recall_rows, device="cpu")
+    assert len(fig.axes[0].get_lines()) == 4  # two pair counts + attention's two dotted lines
+    plt.close("all")

@@ -372,6 +372,20 @@ def _measure_shape(model, ids: torch.Tensor, proto: Protocol, step_fn) -> dict:
             "path": path, "mamba_path": record.mamba_path}
 
 
+def combine(*tables):
+    """Tables of the harness as one: rows appended in order, ``attrs["skipped"]`` lists joined,
+    ``attrs["notes"]`` merged (the other attrs from the first table)."""
+    import pandas as pd
+
+    if not tables:
+        raise CompareError(f"nothing to combine; {_TROUBLE} 'Comparing models'.")
+    df = pd.concat(tables, ignore_index=True)
+    df.attrs = {**tables[0].attrs,
+                "skipped": [s for t in tables for s in t.attrs.get("skipped", [])],
+                "notes": {k: v for t in tables for k, v in t.attrs.get("notes", {}).items()}}
+    return df
+
+
 # ------------------------------------------------------------------------ saving and loading
 
 
