@@ -410,24 +410,30 @@ def write_manifest(out: Path, entries: list[dict], meta: dict) -> Path:
     return path
 
 
+def read_manifest(folder: Path | None = None) -> dict:
+    """``manifest.json`` of the recall models in ``folder`` (default ``data/recall``): the models
+    and how they were trained (device, versions, wall time). Raises ``FileNotFoundError`` naming
+    the section of TROUBLESHOOTING.md when it is missing."""
+    path = Path(folder or recall_dir()) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(
+            f"the recall models are missing or unreadable ({path}: {exc}). Retrain them with "
+            "`python scripts/train_recall.py` (GPU: a few minutes) or restore them with "
+            "`git checkout -- data/recall`. See TROUBLESHOOTING.md, section "
+            "'Missing data files'.") from None
+
+
 def load_shipped(folder: Path | None = None, *, device="cpu") -> list[tuple[RecallModelSpec,
                                                                           object, dict]]:
     """The recall models of ``folder`` (default ``data/recall``) in float32, in manifest order:
-    ``(spec, model, manifest entry)`` each. Raises ``FileNotFoundError`` naming the section of
-    TROUBLESHOOTING.md when they are missing."""
+    ``(spec, model, manifest entry)`` each."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder or recall_dir())
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise FileNotFoundError(
-            f"the recall models are missing or unreadable ({folder / MANIFEST}: {exc}). Retrain "
-            "them with `python scripts/train_recall.py` (GPU: a few minutes) or restore them "
-            "with `git checkout -- data/recall`. See TROUBLESHOOTING.md, section "
-            "'Missing data files'.") from None
     out = []
-    for entry in manifest["models"]:
+    for entry in read_manifest(folder)["models"]:
         spec = RecallModelSpec(**entry["spec"])
         model = AutoModelForCausalLM.from_pretrained(folder / entry["folder"],
                                                      dtype=torch.float32).to(device).eval()
