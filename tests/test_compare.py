@@ -416,3 +416,31 @@ def test_the_plots_draw_the_measured_points(zoo_table):
     fig = plots.recall_vs_state(recall_rows, device="cpu")
     assert len(fig.axes[0].get_lines()) == 4  # two pair counts + attention's two dotted lines
     plt.close("all")
+
+
+def test_a_failing_compiled_arm_falls_back_to_eager_and_says_so(monkeypatch):
+    model = _small("llama")
+    calls = []
+
+    def broken_step(**kw):
+        calls.append(1)
+        raise RuntimeError("inductor could not compile this")
+
+    def static(model, *, max_cache_len, fallback=False, step_fn=None):
+        if step_fn is None:
+            return decoding.TransformersDecoder(model), "eager"
+        return compare.StaticCacheDecoder(model, max_cache_len=max_cache_len,
+                                          step_fn=step_fn), "transformers, static cache + x"
+
+    monkeypatch.setattr(compare, "best_decoder", static)
+    proto = compare._protocol((8, 12), (1,), 3, 1, "random", None, "cpu", TEXT, False, None,
+                              models.profile.get_profile())
+    arm = compare._Arm(step_fn=broken_step)
+    ids = torch.randint(0, 97, (1, 8))
+    first = compare._measure_shape(model, ids, proto, arm)
+    second = compare._measure_shape(model, torch.randint(0, 97, (1, 12)), proto, arm)
+    for row in (first, second):
+        assert row["path"].startswith("transformers eager, dynamic cache (static cache + "
+                                      "torch.compile failed: RuntimeError: inductor could not")
+        assert row["decode_tok_s"] > 0
+    assert len(calls) == 1  # given up after the first failure

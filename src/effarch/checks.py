@@ -547,8 +547,7 @@ def _lab245_check(name: str, run: Callable[[], Any], problems: Callable[[Any], l
 
 
 def _harness_paths() -> tuple[str, ...]:
-    return ("effarch fast path", "transformers, static cache + torch.compile",
-            "transformers eager, dynamic cache")
+    return ("effarch fast path", "transformers, static cache", "transformers eager, dynamic cache")
 
 
 def _shapes(df) -> set[tuple[int, int]]:

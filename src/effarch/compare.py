@@ -140,9 +140,9 @@ def best_decoder(model, *, max_cache_len: int, fallback: bool = False, step_fn=N
         gen = fast.MambaFastGenerator(model)
         return gen, gen.path
     if not fallback and on_gpu and family in ("transformer", "moe"):
-        dec = StaticCacheDecoder(model, max_cache_len=max_cache_len, step_fn=step_fn,
-                                 label="static cache + torch.compile")
-        return dec, "transformers, static cache + torch.compile (reduce-overhead)"
+        how = "static cache + torch.compile" if step_fn is not None else "static cache, eager"
+        dec = StaticCacheDecoder(model, max_cache_len=max_cache_len, step_fn=step_fn, label=how)
+        return dec, f"transformers, {how}" + (" (reduce-overhead)" if step_fn is not None else "")
     mamba = backends.mamba_path(model)
     where = "" if mamba == "n/a" else f"; Mamba layers: {mamba}"
     return TransformersDecoder(model), f"transformers eager, dynamic cache{where}"
@@ -281,6 +281,15 @@ def _protocol(contexts, batch_sizes, new_tokens, repeats, weights, dtype, device
                     text if text is not None else validation_excerpt(), fallback, overrides)
 
 
+@dataclass
+class _Arm:
+    """The compiled decode step of one model (None: no compiled arm), and why it was given up
+    if it failed (then every later shape runs eager, its path saying so)."""
+
+    step_fn: object = None
+    failure: str | None = None
+
+
 def _measure_model(name: str, proto: Protocol, *, progress: bool):
     """(rows, skipped, notes) of one model; the model lives in this frame only."""
     lm = models.load_model(name, weights=proto.weights, dtype=proto.dtype, device=proto.device,
@@ -289,15 +298,15 @@ def _measure_model(name: str, proto: Protocol, *, progress: bool):
         raise CompareError(f"{name} was loaded without a tokenizer, so it cannot read the "
                            f"lab's text; {_TROUBLE} 'Missing data files'.")
     model, tok = lm.model, lm.tokenizer
-    step_fn = None
+    arm = _Arm()
     if not proto.fallback and model.device.type == "cuda" and \
             family_of(model.config) in ("transformer", "moe"):
-        step_fn = compiled_step(model)
+        arm.step_fn = compiled_step(model)
     try:
-        base = _model_fields(name, lm, proto, step_fn)
-        rows, skipped = _sweep(model, tok, base, proto, step_fn, progress=progress)
+        base = _model_fields(name, lm, proto, arm.step_fn)
+        rows, skipped = _sweep(model, tok, base, proto, arm, progress=progress)
     finally:
-        if step_fn is not None:
+        if arm.step_fn is not None or arm.failure is not None:
             torch.compiler.reset()  # compiled code holds the model: drop it with the model
     return rows, skipped, list(lm.record.notes)
 
@@ -324,7 +333,7 @@ def _model_fields(name, lm, proto, step_fn) -> dict:
             "transformers_version": compat.transformers_version()}
 
 
-def _sweep(model, tok, base: dict, proto: Protocol, step_fn, *, progress: bool):
+def _sweep(model, tok, base: dict, proto: Protocol, arm: _Arm, *, progress: bool):
     """One row per (batch size, context) of one model, and the skipped ones with reasons."""
     from tqdm.auto import tqdm
 
@@ -339,7 +348,7 @@ def _sweep(model, tok, base: dict, proto: Protocol, step_fn, *, progress: bool):
         else:
             ids = prompt_ids(tok, proto.text, c, b).to(model.device)
             try:
-                rows.append({**base, **_measure_shape(model, ids, proto, step_fn)})
+                rows.append({**base, **_measure_shape(model, ids, proto, arm)})
             except _OOM as exc:
                 reason = f"out of memory ({type(exc).__name__})"
                 models.unload()
@@ -349,22 +358,25 @@ def _sweep(model, tok, base: dict, proto: Protocol, step_fn, *, progress: bool):
     return rows, skipped
 
 
-def _measure_shape(model, ids: torch.Tensor, proto: Protocol, step_fn) -> dict:
+def _measure_shape(model, ids: torch.Tensor, proto: Protocol, arm: _Arm) -> dict:
     """The measured columns at one (batch size, context): state bytes, then the timings."""
     b, c = ids.shape
     dec, path = best_decoder(model, max_cache_len=c + proto.new_tokens, fallback=proto.fallback,
-                             step_fn=step_fn)
+                             step_fn=arm.step_fn)
+    if arm.failure is not None:
+        dec, path = TransformersDecoder(model), arm.failure
     state = state_after_prefill(dec, ids)
     try:
         timing = time_generation(dec, ids, new_tokens=proto.new_tokens, repeats=proto.repeats)
     except _OOM:
         raise
-    except Exception as exc:  # a compiled arm that fails here still leaves a measured row
-        if step_fn is None:
+    except Exception as exc:  # a compiled arm that fails still leaves measured rows, eager
+        if arm.step_fn is None:
             raise
-        dec = TransformersDecoder(model)
-        path = f"transformers eager, dynamic cache (static cache + torch.compile failed: " \
-               f"{type(exc).__name__}: {str(exc)[:80]})"
+        arm.step_fn, arm.failure = None, (
+            f"transformers eager, dynamic cache (static cache + torch.compile failed: "
+            f"{type(exc).__name__}: {str(exc)[:80]})")
+        dec, path = TransformersDecoder(model), arm.failure
         timing = time_generation(dec, ids, new_tokens=proto.new_tokens, repeats=proto.repeats)
     record = timing.pop("record")
     return {"context": c, "batch_size": b, "state_bytes": state.total,
