@@ -444,3 +444,14 @@ def test_a_failing_compiled_arm_falls_back_to_eager_and_says_so(monkeypatch):
                                       "torch.compile failed: RuntimeError: inductor could not")
         assert row["decode_tok_s"] > 0
     assert len(calls) == 1  # given up after the first failure
+
+
+def test_guide_recall_calls_a_tie_within_the_sampling_noise():
+    recall = pd.DataFrame([
+        {"model": "att", "arch": "attention", "d_state": 0, "num_pairs": 16, "accuracy": 0.52,
+         "examples": 64},
+        {"model": "m16", "arch": "mamba", "d_state": 16, "num_pairs": 16, "accuracy": 0.50,
+         "examples": 64}])
+    assert compare.choose_for_recall(recall).answer.startswith("no clear winner")
+    recall["examples"] = 100_000  # the same gap, measured on far more queries
+    assert compare.choose_for_recall(recall).answer == "attention"

@@ -657,15 +657,31 @@ def choose_for_quality(table) -> Answer:
                   f"{'; dominated: ' + ', '.join(off) if off else ''}.")
 
 
+def _accuracy_noise(row) -> float:
+    """Standard error of a recall accuracy over its scored queries (examples × pairs); 0 when
+    the table does not say how many were scored."""
+    n = getattr(row, "examples", None)
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return 0.0
+    p, scored = float(row["accuracy"]), float(n) * float(row["num_pairs"])
+    return math.sqrt(max(p * (1 - p), 1 / scored) / scored)
+
+
 def choose_for_recall(recall) -> Answer:
     """The recall model with the highest accuracy at the largest number of key-value pairs
-    measured, and the smallest Mamba state that reached 90% there (if any)."""
+    measured — or a tie when the runner-up is within two standard errors of the sampling noise —
+    and the smallest Mamba state that reached 90% there (if any)."""
     if recall is None or len(recall) == 0:
         return Answer(QUESTIONS[3], "not measured",
                       "No recall table was given: pass the accuracies of Part E.")
     pairs = int(recall["num_pairs"].max())
     at = recall[recall["num_pairs"] == pairs].sort_values("accuracy", ascending=False)
-    best = at.iloc[0]
+    best, answer = at.iloc[0], at.iloc[0]["arch"]
+    if len(at) > 1:
+        second = at.iloc[1]
+        noise = 2 * math.hypot(_accuracy_noise(best), _accuracy_noise(second))
+        if best["accuracy"] - second["accuracy"] <= noise and second["arch"] != best["arch"]:
+            answer = f"no clear winner ({best['arch']} and {second['arch']} within the noise)"
     scores = "; ".join(f"{r.model} {r.accuracy:.0%}" for r in at.itertuples())
     mamba = at[at["arch"] == "mamba"].sort_values("d_state")
     good = mamba[mamba["accuracy"] >= 0.9]
@@ -673,8 +689,7 @@ def choose_for_recall(recall) -> Answer:
              f" Mamba reached 90% with d_state {int(good['d_state'].iloc[0])}." if not good.empty
              else f" No Mamba state tried (d_state {', '.join(map(str, mamba['d_state']))}) "
                   "reached 90%.")
-    return Answer(QUESTIONS[3], best["arch"],
-                  f"At {pairs} key-value pairs: {scores}.{state}")
+    return Answer(QUESTIONS[3], answer, f"At {pairs} key-value pairs: {scores}.{state}")
 
 
 def guide(table, recall=None):

@@ -163,7 +163,7 @@ class RecallModelSpec:
     d_state: int = 16
     heads: int = 4
     vocab_size: int = 256
-    max_len: int = 256
+    max_len: int = 128
 
     @property
     def name(self) -> str:
@@ -381,7 +381,7 @@ def train(model, spec: RecallModelSpec, cfg: TrainConfig, *,
 SHIPPED = (RecallModelSpec("attention"), RecallModelSpec("mamba", d_state=4),
            RecallModelSpec("mamba", d_state=16), RecallModelSpec("mamba", d_state=64),
            RecallModelSpec("hybrid", d_state=16))
-SHIPPED_TRAINING = TrainConfig(steps=6000, batch_size=64, seq_len=128, pairs=(4, 8, 16, 32),
+SHIPPED_TRAINING = TrainConfig(steps=8000, batch_size=64, seq_len=64, pairs=(2, 4, 8, 16),
                                lr=1e-3, warmup=200, eval_every=500, eval_examples=256)
 SMOKE = dict(d_model=16, heads=2, vocab_size=64, max_len=32)
 SMOKE_TRAINING = TrainConfig(steps=6, batch_size=8, seq_len=32, pairs=(2, 4), warmup=2,
