@@ -5,6 +5,7 @@ width 64, 2 layers and a 256-token vocabulary (``effarch.recall.SHIPPED``).
 
     PYTHONPATH=src python scripts/train_recall.py                     # the shipped set (GPU)
     PYTHONPATH=src python scripts/train_recall.py --smoke --out /tmp/r   # seconds on a CPU
+    PYTHONPATH=src python scripts/train_recall.py --time-scans           # which scan trains fastest
 
 Every batch is generated fresh from the seed; each model is evaluated every ``eval_every`` steps
 on held-out batches. Writes ``<out>/<model>/`` (config.json, fp16 model.safetensors,
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from effarch import compat, recall
+from effarch import bench, compat, recall
 
 
 def log_line(out, text: str) -> None:
@@ -64,6 +65,26 @@ def train_one(spec, cfg, args, log) -> dict:
             "final_accuracy": {k: v for k, v in last.items() if k.startswith("acc@")}}
 
 
+def time_scans(specs, cfg, args) -> None:
+    """Median seconds of one training step (forward and backward, one batch of the recipe's
+    largest number of pairs) of each Mamba-layered model through each scan."""
+    batch = recall.mqar_batch(cfg.batch_size, num_pairs=max(cfg.pairs), seq_len=cfg.seq_len,
+                              vocab_size=specs[0].vocab_size, seed=0)
+    ids, targets = batch.inputs.to(args.device), batch.targets.to(args.device)
+    print(f"one training step, batch {cfg.batch_size} x {cfg.seq_len} tokens, on {args.device} "
+          f"(torch {torch.__version__}, transformers {compat.transformers_version()}):")
+    for spec in specs:
+        model = recall.build_model(spec, seed=0, device=args.device)
+        for name in ("parallel", "chunked", "transformers"):
+            def step():
+                model.zero_grad(set_to_none=True)
+                recall.recall_loss(model(input_ids=ids, use_cache=False).logits, targets).backward()
+            with recall.training_scan(model, recall.scan_by_name(name)):
+                t = bench.time_fn(step, warmup=1, repeats=3, device=args.device)
+            print(f"  {spec.name:22s} {name:13s} {t.median * 1e3:10.1f} ms "
+                  f"(min {t.min * 1e3:.1f}, max {t.max * 1e3:.1f})", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,9 +96,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--scan", choices=("parallel", "chunked", "transformers"))
     ap.add_argument("--max-seconds", type=float, help="per model: stop (logged) past this")
+    ap.add_argument("--time-scans", action="store_true",
+                    help="time one training step of the Mamba-layered models per scan, then exit")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     specs, cfg = configs(args)
+    if args.time_scans:
+        time_scans([s for s in specs if s.arch != "attention"], cfg, args)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with (args.out / "train_log.txt").open("w", encoding="utf-8") as f:
