@@ -76,7 +76,7 @@ def time_scans(specs, cfg, args) -> None:
     for spec in specs:
         model = recall.build_model(spec, seed=0, device=args.device)
         for name in ("parallel", "chunked", "transformers"):
-            def step():
+            def step(model=model):
                 model.zero_grad(set_to_none=True)
                 recall.recall_loss(model(input_ids=ids, use_cache=False).logits, targets).backward()
             with recall.training_scan(model, recall.scan_by_name(name)):

@@ -209,7 +209,7 @@ def row(model, family, context, batch, *, rate, state, weights=1e6, active=None,
 
 def synthetic(rates_t=(150, 120, 90), rate_m=100, state_t=1000, moe_total=2e6):
     ctx = (256, 512, 1024)
-    rows = [row("T", "transformer", c, 1, rate=r, state=state_t * c) for c, r in zip(ctx, rates_t)]
+    rows = [row("T", "transformer", c, 1, rate=r, state=state_t * c) for c, r in zip(ctx, rates_t, strict=True)]
     rows += [row("M", "mamba", c, 1, rate=rate_m, state=5000, bpb=1.1) for c in ctx]
     rows += [row("E", "moe", c, 1, rate=90, state=state_t * c, weights=4e6, active=0.5e6,
                  total=moe_total, bpb=1.05) for c in ctx]

@@ -142,5 +142,5 @@ def test_the_shipped_recall_models():
     assert [m["name"] for m in manifest["models"]] == [s.name for s in recall.SHIPPED]
     assert not manifest["smoke"]
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 2 * 2**20
-    for spec, model, entry in recall.load_shipped(folder):
+    for _, model, entry in recall.load_shipped(folder):
         assert recall.parameter_count(model) == entry["parameters"]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from effarch import backends, bench, compat, data, fast, memory, models, registry
+from effarch import backends, bench, compat, data, fast, memory, models
 from effarch.decoding import TransformersDecoder
 
 FAMILIES = ("transformer", "mamba", "moe", "hybrid")
@@ -515,7 +515,7 @@ def decode_crossover(table, challenger: str, incumbent: str, *,
 def _trend_crossing(contexts: Sequence[int], gaps: Sequence[float]) -> float | None:
     """Where the line through the last two gaps (in log2 context) reaches 0, if it does beyond
     the measured range while closing the gap; None otherwise."""
-    (x0, g0), (x1, g1) = [(math.log2(c), g) for c, g in zip(contexts[-2:], gaps[-2:])]
+    (x0, g0), (x1, g1) = [(math.log2(c), g) for c, g in zip(contexts[-2:], gaps[-2:], strict=True)]
     if g1 > 0 or g1 <= g0:  # already ahead, or not closing
         return None
     return 2.0 ** (x1 + (x1 - x0) * (-g1) / (g1 - g0))
