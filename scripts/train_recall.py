@@ -104,23 +104,31 @@ def main(argv=None) -> int:
     if args.time_scans:
         time_scans([s for s in specs if s.arch != "attention"], cfg, args)
         return 0
+    train_all(specs, cfg, args, argv)
+    return 0
+
+
+def train_all(specs, cfg, args, argv) -> None:
+    """Train every model in turn; the manifest is rewritten after each, so an interrupted run
+    still ships what it finished (``"complete": false`` says it stopped early)."""
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        platform.processor() or platform.machine()
+    meta = {"training": dataclasses.asdict(cfg), "device": device, "torch": torch.__version__,
+            "transformers": compat.transformers_version(), "smoke": args.smoke}
     with (args.out / "train_log.txt").open("w", encoding="utf-8") as f:
         log = lambda text: log_line(f, text)  # noqa: E731
-        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-            platform.processor() or platform.machine()
         log(f"$ {shlex.join(['python', 'scripts/train_recall.py', *(argv or sys.argv[1:])])}")
         log(f"torch {torch.__version__}, transformers {compat.transformers_version()}, "
             f"device {args.device} ({device}); training: {dataclasses.asdict(cfg)}")
-        entries = [train_one(spec, cfg, args, log) for spec in specs]
-        total = time.perf_counter() - start
-        log(f"done: {len(entries)} models in {total:.0f} s")
-    recall.write_manifest(args.out, entries, {
-        "training": dataclasses.asdict(cfg), "device": device, "wall_s": total,
-        "torch": torch.__version__, "transformers": compat.transformers_version(),
-        "smoke": args.smoke})
-    return 0
+        entries = []
+        for spec in specs:
+            entries.append(train_one(spec, cfg, args, log))
+            recall.write_manifest(args.out, entries, {
+                **meta, "wall_s": time.perf_counter() - start,
+                "complete": len(entries) == len(specs)})
+        log(f"done: {len(entries)} models in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

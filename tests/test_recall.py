@@ -140,7 +140,7 @@ def test_the_shipped_recall_models():
         pytest.skip("data/recall is not shipped yet: scripts/train_recall.py runs on a GPU")
     manifest = json.loads((folder / recall.MANIFEST).read_text())
     assert [m["name"] for m in manifest["models"]] == [s.name for s in recall.SHIPPED]
-    assert not manifest["smoke"]
+    assert not manifest["smoke"] and manifest["complete"]
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 2 * 2**20
     for _, model, entry in recall.load_shipped(folder):
         assert recall.parameter_count(model) == entry["parameters"]
