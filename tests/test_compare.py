@@ -455,3 +455,16 @@ def test_guide_recall_calls_a_tie_within_the_sampling_noise():
     assert compare.choose_for_recall(recall).answer.startswith("no clear winner")
     recall["examples"] = 100_000  # the same gap, measured on far more queries
     assert compare.choose_for_recall(recall).answer == "attention"
+
+
+def test_function_checks_report_a_stub_as_not_attempted(zoo_table, no_strict):
+    def stub(*args):
+        raise NotImplementedError("Exercise: write this part")
+
+    assert no_strict.check_crossover(stub, zoo_table, "tiny-mamba", "tiny-transformer") \
+        is compare.crossover_context
+    assert _last(no_strict).status == "skip"
+    no_strict.check_memory_choice(stub, zoo_table)
+    assert _last(no_strict).status == "skip"
+    no_strict.check_memory_choice(lambda t: t.no_such_column, zoo_table)
+    assert _last(no_strict).status == "fail" and "AttributeError" in _last(no_strict).details[0]

@@ -531,15 +531,15 @@ def _lab245_check(name: str, run: Callable[[], Any], problems: Callable[[Any], l
                   reference: Callable[[], Any], ok_message: str) -> Any:
     """Run the student's code (``run``), collect ``problems(result)``; ✅ returns the result,
     ⏭ / ❌ return ``reference()`` (called only then: it may measure)."""
-    try:
+    try:  # the student's code runs in both: a function is only called inside problems()
         actual = run()
+        found = problems(actual)
     except NotImplementedError as exc:
         _finish(_not_attempted(name, exc), None)
         return reference()
     except Exception as exc:  # any error in student code is a ❌, not a crash
         _finish(_raised(name, exc, "", []), None, exc)
         return reference()
-    found = problems(actual)
     if found:
         _finish(CheckResult(name, "fail", "does not match the harness", tuple(found)), None)
         return reference()
