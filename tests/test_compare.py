@@ -24,6 +24,12 @@ def zoo_table():
                            dtype=torch.float32, device="cpu", text=TEXT, progress=False)
 
 
+def test_a_context_sweep_and_a_batch_sweep_in_one_call():
+    assert compare._shapes((8, 40, 100), (1, 3, 5), (40,)) == (
+        (1, 8), (1, 40), (1, 100), (3, 40), (5, 40))
+    assert compare._shapes((8, 40), (1, 3), None) == ((1, 8), (1, 40), (3, 8), (3, 40))
+
+
 # ------------------------------------------------------------------------ the harness, measured
 
 
@@ -111,7 +117,8 @@ def test_random_weights_have_no_quality():
 
 
 @pytest.mark.parametrize("kw", [dict(contexts=()), dict(contexts=(8,), batch_sizes=(0,)),
-                                dict(contexts=(8,), new_tokens=1)])
+                                dict(contexts=(8,), new_tokens=1),
+                                dict(contexts=(8,), batch_sizes=(1, 2), batch_contexts=(0,))])
 def test_bad_protocols_name_the_troubleshooting_section(kw):
     with pytest.raises(compare.CompareError, match="TROUBLESHOOTING.md, section 'Comparing"):
         compare.compare(["tiny-transformer"], text=TEXT, progress=False, **kw)
@@ -433,8 +440,10 @@ def test_a_failing_compiled_arm_falls_back_to_eager_and_says_so(monkeypatch):
                                           step_fn=step_fn), "transformers, static cache + x"
 
     monkeypatch.setattr(compare, "best_decoder", static)
-    proto = compare._protocol((8, 12), (1,), 3, 1, "random", None, "cpu", TEXT, False, None,
-                              models.profile.get_profile())
+    proto = compare._protocol(contexts=(8, 12), batch_sizes=(1,), batch_contexts=None,
+                              new_tokens=3, repeats=1, weights="random", dtype=None,
+                              device="cpu", text=TEXT, fallback=False, overrides=None,
+                              prof=models.profile.get_profile())
     arm = compare._Arm(step_fn=broken_step)
     ids = torch.randint(0, 97, (1, 8))
     first = compare._measure_shape(model, ids, proto, arm)

@@ -217,11 +217,10 @@ def quality(decoder, tokenizer, text: str, *, random_weights: bool,
 
 @dataclass(frozen=True)
 class Protocol:
-    """What every model is run through: prompt lengths, batch sizes, tokens and repeats, the
-    text (prompts and quality), the dtype and device, and whether the fallback path runs."""
+    """What every model is run through: the (batch size, context) shapes, tokens and repeats,
+    the text (prompts and quality), the dtype and device, and whether the fallback path runs."""
 
-    contexts: tuple[int, ...]
-    batch_sizes: tuple[int, ...]
+    shapes: tuple[tuple[int, int], ...]  # (batch size, context), in the order measured
     new_tokens: int
     repeats: int
     weights: str
@@ -233,27 +232,31 @@ class Protocol:
 
 
 def compare(model_names: Sequence[str], *, contexts: Sequence[int],
-            batch_sizes: Sequence[int] = (1,), new_tokens: int = 16, repeats: int = 3,
-            weights: str | None = None, dtype=None, device: str | None = None,
-            text: str | None = None, fallback: bool = False, overrides: dict | None = None,
-            progress: bool = True):
-    """Measure every model in ``model_names`` (registry or zoo names) at every context and batch
-    size, one model in memory at a time: a DataFrame with the columns of ``COLUMNS``, one row per
-    (model, context, batch size). Rows past a model's position limit, or out of memory, are left
-    out and listed in ``df.attrs["skipped"]`` with the reason.
+            batch_sizes: Sequence[int] = (1,), batch_contexts: Sequence[int] | None = None,
+            new_tokens: int = 16, repeats: int = 3, weights: str | None = None, dtype=None,
+            device: str | None = None, text: str | None = None, fallback: bool = False,
+            overrides: dict | None = None, progress: bool = True):
+    """Measure every model in ``model_names`` (registry or zoo names), one model in memory at a
+    time: a DataFrame with the columns of ``COLUMNS``, one row per (model, context, batch size).
+    Rows past a model's position limit, or out of memory, are left out and listed in
+    ``df.attrs["skipped"]`` with the reason.
 
-    ``weights``: ``"pretrained"`` or ``"random"`` (default: the profile's); ``text``: prompts and
-    quality text (default :func:`validation_excerpt`); ``fallback=True`` runs transformers' own
-    path for every model (the contrast to the best path); ``overrides`` change the configs of
-    random weights (e.g. fewer layers for a smoke run).
+    Shapes: every context at every batch size, or, with ``batch_contexts``, every context at the
+    first batch size and the other batch sizes at ``batch_contexts`` only (a context sweep and a
+    batch sweep from one load of each model). ``weights``: ``"pretrained"`` or ``"random"``
+    (default: the profile's); ``text``: prompts and quality text (default
+    :func:`validation_excerpt`); ``fallback=True`` runs transformers' own path for every model
+    (the contrast to the best path); ``overrides`` change the configs of random weights.
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
     from effarch.profile import get_profile
 
-    proto = _protocol(contexts, batch_sizes, new_tokens, repeats, weights, dtype, device, text,
-                      fallback, overrides, get_profile())
+    proto = _protocol(contexts=contexts, batch_sizes=batch_sizes, batch_contexts=batch_contexts,
+                      new_tokens=new_tokens, repeats=repeats, weights=weights, dtype=dtype,
+                      device=device, text=text, fallback=fallback, overrides=overrides,
+                      prof=get_profile())
     rows, skipped, notes = [], [], {}
     for name in tqdm(list(model_names), desc="models", disable=not progress):
         model_rows, model_skipped, notes[name] = _measure_model(name, proto, progress=progress)
@@ -266,19 +269,28 @@ def compare(model_names: Sequence[str], *, contexts: Sequence[int],
     return df
 
 
-def _protocol(contexts, batch_sizes, new_tokens, repeats, weights, dtype, device, text,
-              fallback, overrides, prof) -> Protocol:
-    contexts, batch_sizes = tuple(int(c) for c in contexts), tuple(int(b) for b in batch_sizes)
-    if not contexts or min(contexts) < 1 or not batch_sizes or min(batch_sizes) < 1:
-        raise CompareError(f"contexts and batch_sizes need positive values, got {contexts} and "
-                           f"{batch_sizes}; {_TROUBLE} 'Comparing models'.")
+def _shapes(contexts, batch_sizes, batch_contexts) -> tuple[tuple[int, int], ...]:
+    contexts, batch_sizes = [int(c) for c in contexts], [int(b) for b in batch_sizes]
+    batch_contexts = contexts if batch_contexts is None else [int(c) for c in batch_contexts]
+    values = contexts + batch_sizes + batch_contexts
+    if not contexts or not batch_sizes or min(values) < 1:
+        raise CompareError(f"contexts and batch sizes need positive values, got {contexts}, "
+                           f"{batch_sizes} and {batch_contexts}; {_TROUBLE} 'Comparing models'.")
+    first = [(batch_sizes[0], c) for c in contexts]
+    rest = [(b, c) for b in batch_sizes[1:] for c in batch_contexts]
+    return tuple(dict.fromkeys(first + rest))
+
+
+def _protocol(*, contexts, batch_sizes, batch_contexts, new_tokens, repeats, weights, dtype,
+              device, text, fallback, overrides, prof) -> Protocol:
     if new_tokens < 2 or repeats < 1:
         raise CompareError(f"need new_tokens >= 2 (the first comes from the prefill) and "
                            f"repeats >= 1, got {new_tokens} and {repeats}; {_TROUBLE} "
                            "'Comparing models'.")
-    weights = weights or ("random" if prof.random_weights else "pretrained")
-    return Protocol(contexts, batch_sizes, new_tokens, repeats, weights, dtype, device,
-                    text if text is not None else validation_excerpt(), fallback, overrides)
+    return Protocol(_shapes(contexts, batch_sizes, batch_contexts), new_tokens, repeats,
+                    weights or ("random" if prof.random_weights else "pretrained"), dtype,
+                    device, text if text is not None else validation_excerpt(), fallback,
+                    overrides)
 
 
 @dataclass
@@ -339,8 +351,7 @@ def _sweep(model, tok, base: dict, proto: Protocol, arm: _Arm, *, progress: bool
 
     limit = bench.position_limit(model)
     rows, skipped = [], []
-    shapes = [(b, c) for b in proto.batch_sizes for c in proto.contexts]
-    for b, c in tqdm(shapes, desc=base["model"], disable=not progress, leave=False):
+    for b, c in tqdm(proto.shapes, desc=base["model"], disable=not progress, leave=False):
         reason = None
         if limit is not None and c + proto.new_tokens > limit:
             reason = (f"prompt {c} + {proto.new_tokens} new tokens exceeds "

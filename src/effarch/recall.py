@@ -281,7 +281,7 @@ class TrainConfig:
     batch_size: int = 64
     seq_len: int = 128
     pairs: tuple[int, ...] = (4, 8, 16, 32)  # each batch draws one of these
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.1
     warmup: int = 100
     seed: int = 0
@@ -382,7 +382,7 @@ SHIPPED = (RecallModelSpec("attention"), RecallModelSpec("mamba", d_state=4),
            RecallModelSpec("mamba", d_state=16), RecallModelSpec("mamba", d_state=64),
            RecallModelSpec("hybrid", d_state=16))
 SHIPPED_TRAINING = TrainConfig(steps=8000, batch_size=64, seq_len=64, pairs=(2, 4, 8, 16),
-                               lr=1e-3, warmup=200, eval_every=500, eval_examples=256)
+                               lr=3e-3, warmup=200, eval_every=500, eval_examples=256)
 SMOKE = dict(d_model=16, heads=2, vocab_size=64, max_len=32)
 SMOKE_TRAINING = TrainConfig(steps=6, batch_size=8, seq_len=32, pairs=(2, 4), warmup=2,
                              eval_every=3, eval_examples=8)
