@@ -21,6 +21,8 @@ from the foundations at the top of this table to the labs' helpers at its bottom
 | ``quality`` | the one sliding-window scorer, bits per byte |
 | ``models`` | ``load_model`` (offline-first, memory-checked, random weights at real size, quantisation) |
 | ``hooks`` | context managers that record SSM internals (Δ, states) and routing, always removed |
+| ``compare`` | lab 2.4.5's harness: one table of every model under one protocol, its round trip, the crossover, the Pareto front and the decision guide |
+| ``recall`` | multi-query associative recall (Zoology): the seeded generator, small attention/Mamba/hybrid models, their training and the shipped set |
 | ``moe`` | routing statistics, parameter counts of MoE models, the router's pieces |
 | ``checks`` | the exercise checks: the student's answer when it passes, the reference when not |
 | ``plots`` | the labs' shared plots and widgets |
@@ -33,7 +35,7 @@ from the foundations at the top of this table to the labs' helpers at its bottom
 | 2.4.2 Mamba architecture | ssm, hooks, mixer, models, memory, compat, bench, data, plots, checks |
 | 2.4.3 MoE exploration | models, moe, hooks, memory, data, plots, checks |
 | 2.4.4 MoE router | moe, hooks, quality, models, plots, checks |
-| 2.4.5 Architecture comparison | bench, quality, memory, models, fast, plots, checks |
+| 2.4.5 Architecture comparison | compare, recall, bench, quality, memory, models, fast, decoding, plots, checks |
 | 2.4.6 Mamba fine-tuning | models, backends, memory, data, plots, checks |
 """
 
