@@ -21,11 +21,11 @@ from the foundations at the top of this table to the labs' helpers at its bottom
 | ``quality`` | the one sliding-window scorer, bits per byte |
 | ``models`` | ``load_model`` (offline-first, memory-checked, random weights at real size, quantisation) |
 | ``hooks`` | context managers that record SSM internals (Δ, states) and routing, always removed |
+| ``moe`` | routing statistics, parameter counts of MoE models, the router's pieces |
+| ``plots`` | the labs' shared plots and widgets |
 | ``compare`` | lab 2.4.5's harness: one table of every model under one protocol, its round trip, the crossover, the Pareto front and the decision guide |
 | ``recall`` | multi-query associative recall (Zoology): the seeded generator, small attention/Mamba/hybrid models, their training and the shipped set |
-| ``moe`` | routing statistics, parameter counts of MoE models, the router's pieces |
 | ``checks`` | the exercise checks: the student's answer when it passes, the reference when not |
-| ``plots`` | the labs' shared plots and widgets |
 | ``doctor`` | the environment report (``python -m effarch doctor``) |
 | ``testing`` | the pytest plugin that runs labs unsolved and solutions strict |
 
