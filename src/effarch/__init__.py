@@ -26,6 +26,8 @@ from the foundations at the top of this table to the labs' helpers at its bottom
 | ``plots`` | the labs' shared plots and widgets |
 | ``zoo``, ``training`` | the tiny zoo's settings, configs and evaluation; its training loop's pieces (``scripts/train_zoo.py``, ``scripts/eval_zoo.py``) |
 | ``runs`` | kept records of whole-lab runs at full size, and the documents' tables made of them |
+| ``compare`` | lab 2.4.5's harness: one table of every model under one protocol, its round trip, the crossover, the Pareto front and the decision guide |
+| ``recall`` | multi-query associative recall (Zoology): the seeded generator, small attention/Mamba/hybrid models, their training and the shipped set |
 | ``doctor`` | the environment report (``python -m effarch doctor``) |
 | ``testing`` | the pytest plugin that runs labs unsolved and solutions strict |
 
@@ -35,7 +37,7 @@ from the foundations at the top of this table to the labs' helpers at its bottom
 | 2.4.2 Mamba architecture | ssm, hooks, mixer, models, memory, compat, bench, data, plots, checks |
 | 2.4.3 MoE exploration | models, moe, hooks, memory, data, plots, checks |
 | 2.4.4 MoE router | moe, hooks, quality, models, memory, data, plots, checks |
-| 2.4.5 Architecture comparison | bench, quality, memory, models, fast, plots, checks |
+| 2.4.5 Architecture comparison | compare, recall, bench, quality, memory, models, fast, decoding, plots, checks |
 | 2.4.6 Mamba fine-tuning | models, backends, memory, data, plots, checks |
 """
 

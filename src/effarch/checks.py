@@ -1844,3 +1844,311 @@ def check_capacity(student_fn: Callable, *, name: str = "dispatch") -> Callable:
 
     result = check_function(student_fn, reference, cases=cases, name=name, compare=compare)
     return result if result is student_fn else as_pair
+
+# =============================================================================================
+# Lab 2.4.5 (architecture comparison): checks that read the harness's tables.
+# Each runs the student's function, names the likely cause of a wrong answer, and returns what
+# the rest of the lab should use (the student's answer, or the reference).
+# =============================================================================================
+
+
+def _lab245_check(name: str, run: Callable[[], Any], problems: Callable[[Any], list[str]],
+                  reference: Callable[[], Any], ok_message: str) -> Any:
+    """Run the student's code (``run``), collect ``problems(result)``; ✅ returns the result,
+    ⏭ / ❌ return ``reference()`` (called only then: it may measure)."""
+    try:  # the student's code runs in both: a function is only called inside problems()
+        actual = run()
+        found = problems(actual)
+    except NotImplementedError as exc:
+        _finish(_not_attempted(name, exc), None)
+        return reference()
+    except Exception as exc:  # any error in student code is a ❌, not a crash
+        _finish(_raised(name, exc, "", []), None, exc)
+        return reference()
+    if found:
+        _finish(CheckResult(name, "fail", "does not match the harness", tuple(found)), None)
+        return reference()
+    return _finish(CheckResult(name, "pass", ok_message), actual)
+
+
+def _harness_paths() -> tuple[str, ...]:
+    return ("effarch fast path", "transformers, static cache", "transformers eager, dynamic cache")
+
+
+def _shapes(df) -> set[tuple[int, int]]:
+    return {(int(c), int(b)) for c, b in zip(df["context"], df["batch_size"], strict=True)}
+
+
+def _added_rows_problems(actual, table, name: str) -> list[str]:
+    """Why ``actual`` is not ``table`` plus the harness's rows of ``name`` (empty: it is)."""
+    import pandas as pd
+
+    from effarch import compare
+
+    if not isinstance(actual, pd.DataFrame):
+        return [f"expected the table (a pandas DataFrame), got {_describe(actual)}"]
+    if "model" not in actual.columns or actual[actual["model"] == name].empty:
+        models = sorted(set(actual["model"])) if "model" in actual.columns else "none"
+        return [f"no row of {name}: models in the table are {models}"]
+    rows = actual[actual["model"] == name]
+    missing = [c for c in compare.COLUMNS if c not in actual.columns
+               or (rows[c].isna().all() and table[c].notna().any())]
+    if missing:
+        return [f"the rows lack the harness's columns {missing[:6]}"
+                f"{' …' if len(missing) > 6 else ''}: measure {name} with compare.compare, "
+                "do not build rows by hand"]
+    kept = actual[actual["model"] != name].reset_index(drop=True)
+    try:
+        pd.testing.assert_frame_equal(kept[list(table.columns)], table.reset_index(drop=True),
+                                      check_dtype=False)
+    except AssertionError:
+        return ["the rows of the models already in the table changed or were dropped: append "
+                "the new rows (compare.combine), do not replace the table"]
+    return (_shape_problems(actual, table, rows, name) + _record_problems(rows, table)
+            + _state_problems(rows, name))
+
+
+def _shape_problems(actual, table, rows, name) -> list[str]:
+    from effarch import models
+
+    if rows.duplicated(["context", "batch_size"]).any():
+        return [f"{name} has rows measured twice at the same context and batch size"]
+    wanted = _shapes(table) | {(s["context"], s["batch_size"]) for s in table.attrs["skipped"]}
+    skipped = {(s["context"], s["batch_size"]): s["reason"] for s in
+               actual.attrs.get("skipped", []) if s["model"] == name}
+    lost = sorted(wanted - _shapes(rows) - set(skipped))
+    extra = sorted(_shapes(rows) - wanted)
+    limit = getattr(models.get_config(name), "max_position_embeddings", None)
+    bad_skip = [s for s, why in skipped.items() if not why.startswith("out of memory")
+                and (limit is None or s[0] + int(rows["new_tokens"].iloc[0]) <= limit)]
+    out = []
+    if lost:
+        out.append(f"no row and no skip reason at (context, batch) {lost[:4]}: measure it with "
+                   "the table's protocol (PROTOCOL) and keep the skipped list "
+                   "(compare.combine joins df.attrs['skipped'])")
+    if extra:
+        out.append(f"rows at (context, batch) {extra[:4]} that the table's protocol does not "
+                   "have: use the same PROTOCOL")
+    if bad_skip:
+        out.append(f"skipped {bad_skip[:4]} although {name} reaches them (limit {limit})")
+    return out
+
+
+def _record_problems(rows, table) -> list[str]:
+    from effarch import compare, models
+
+    out = []
+    for column in ("dtype", "device", "new_tokens", "repeats", "weights"):
+        theirs, ours = set(rows[column]), set(table[column])
+        if theirs != ours:
+            out.append(f"measured with {column} {sorted(map(str, theirs))}, the table with "
+                       f"{sorted(map(str, ours))}: pass the same PROTOCOL")
+    bad = [p for p in rows["path"] if not str(p).startswith(_harness_paths())]
+    if bad:
+        out.append(f"path {bad[0]!r} is not one the harness writes: the rows must come from "
+                   "compare.compare")
+    family = compare.family_of(models.get_config(rows["model"].iloc[0]))
+    if set(rows["family"]) != {family}:
+        out.append(f"family {sorted(set(rows['family']))}, but the config makes it {family!r}")
+    return out
+
+
+def _state_problems(rows, name) -> list[str]:
+    from effarch import memory, models
+
+    cfg = models.get_config(name)
+    for r in rows.itertuples():
+        dtype = str(r.dtype).removeprefix("torch.")
+        kv = memory.kv_cache_bytes(cfg, r.context, r.batch_size, dtype)
+        ssm = memory.ssm_state_bytes(cfg, r.batch_size, dtype, "float32")
+        if r.state_bytes == kv + ssm:
+            continue
+        where = f"at {r.context} tokens × batch {r.batch_size}: state_bytes {r.state_bytes:,}"
+        cause = {kv: "the KV cache only: the Mamba layers' conv and SSM states count too",
+                 ssm: "the Mamba layers' states only: the attention layers' KV cache counts too"
+                 }.get(r.state_bytes, f"lab 2.4.1's formulas give KV {kv:,} + conv/SSM {ssm:,}"
+                                      f" = {kv + ssm:,}")
+        return [f"{where} is {cause}" if r.state_bytes in (kv, ssm) else f"{where}; {cause}"]
+    return []
+
+
+def check_added_model(add_model: Callable, table, name: str, *, reference: Callable) -> Any:
+    """Exercise of lab 2.4.5: ``add_model(table, name)`` returns ``table`` with ``name``'s rows
+    from the harness appended. Checks that the rows came from ``effarch.compare.compare``: its
+    columns, one row per shape of the table's protocol (or a justified skip), the same dtype,
+    device and settings, a path the harness writes, and state bytes equal to lab 2.4.1's
+    formulas. Returns the student's table, else ``reference(table, name)``."""
+    return _lab245_check(
+        "add_model", lambda: add_model(table.copy(), name),
+        lambda actual: _added_rows_problems(actual, table, name),
+        lambda: reference(table, name), f"{name}'s rows came from the harness")
+
+
+# --- the decode crossover ---------------------------------------------------------------------
+
+
+def _crossover_variants() -> dict[str, Callable]:
+    """Plausible wrong answers to the crossover exercise, with the cause each reveals."""
+    def sign_change(ctx, a, b, *, interpolate, log=True, any_direction=False, start=False):
+        gaps = [x - y for x, y in zip(a, b, strict=True)]
+        if start and gaps and gaps[0] > 0:
+            return float(ctx[0])
+        for i in range(1, len(gaps)):
+            up = gaps[i - 1] <= 0 < gaps[i]
+            if up or (any_direction and gaps[i - 1] > 0 >= gaps[i]):
+                if interpolate is None:
+                    return float(ctx[i])
+                f = math.log2 if log else float
+                x0, x1 = f(ctx[i - 1]), f(ctx[i])
+                x = x0 + (x1 - x0) * (interpolate if interpolate != "linear" else
+                                      -gaps[i - 1] / (gaps[i] - gaps[i - 1]))
+                return 2.0 ** x if log else x
+        return None
+
+    return {
+        "interpolated linearly in the context itself: interpolate in log2(context)":
+            lambda c, a, b: sign_change(c, a, b, interpolate="linear", log=False),
+        "returned the first measured context where a is ahead, without interpolating":
+            lambda c, a, b: sign_change(c, a, b, interpolate=None),
+        "returned the midpoint of the bracketing contexts instead of interpolating the gap":
+            lambda c, a, b: sign_change(c, a, b, interpolate=0.5),
+        "also counted a falling behind (a ahead, then behind) as a crossover":
+            lambda c, a, b: sign_change(c, a, b, interpolate="linear", any_direction=True),
+        "counted a ahead at the first context as a crossover there: none was observed":
+            lambda c, a, b: sign_change(c, a, b, interpolate="linear", start=True),
+    }
+
+
+def _crossover_cases(table, challenger: str, incumbent: str) -> list[tuple]:
+    cases = [((256, 512, 1024, 2048), (100, 100, 100, 100), (150, 120, 90, 60)),
+             ((64, 128, 256), (10, 12, 30), (20, 20, 20)),
+             ((64, 128), (5, 5), (5, 4)),
+             ((64, 128, 256), (10, 10, 10), (30, 20, 15)),
+             ((64, 128, 256), (30, 31, 32), (20, 19, 18)),
+             ((64, 128, 256), (30, 10, 40), (20, 19, 18))]
+    for batch in sorted(set(table["batch_size"])):
+        rows = table[table["batch_size"] == batch].pivot_table(
+            index="context", columns="model", values="decode_tok_s").dropna()
+        if {challenger, incumbent} <= set(rows.columns) and len(rows) >= 2:
+            cases.append((tuple(int(c) for c in rows.index), tuple(rows[challenger]),
+                          tuple(rows[incumbent])))
+    return cases
+
+
+def _same(x, y) -> bool:
+    if x is None or y is None or isinstance(x, str) or isinstance(y, str):
+        return x == y
+    try:
+        return math.isclose(float(x), float(y), rel_tol=1e-6)
+    except (TypeError, ValueError):
+        return False
+
+
+def _outputs_problems(student: Callable, reference: Callable, cases: list[tuple],
+                      variants: dict[str, Callable], describe: Callable) -> list[str]:
+    """Compare the student's outputs with the reference's; on a mismatch, name the first wrong
+    rule that reproduces every output of the student."""
+    got = [student(*c) for c in cases]
+    want = [reference(*c) for c in cases]
+    bad = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if not _same(g, w)]
+    if not bad:
+        return []
+    i = bad[0]
+    lines = [f"case {i + 1} of {len(cases)}: {describe(cases[i])}: got {got[i]!r}, "
+             f"expected {want[i]!r}"]
+    for cause, rule in variants.items():
+        if all(_same(rule(*c), g) for c, g in zip(cases, got, strict=True)):
+            return [*lines, f"likely cause: you {cause}"]
+    return lines
+
+
+def check_crossover(crossover_context: Callable, table, challenger: str,
+                    incumbent: str) -> Callable:
+    """Exercise of lab 2.4.5: ``crossover_context(contexts, rate_a, rate_b)`` against
+    ``effarch.compare.crossover_context`` on synthetic cases and on the table's measurements of
+    ``challenger`` against ``incumbent``; a wrong answer is matched against plausible mistakes.
+    Returns the student's function, else the reference."""
+    from effarch import compare
+
+    cases = _crossover_cases(table, challenger, incumbent)
+    return _lab245_check(
+        "crossover_context", lambda: crossover_context,
+        lambda fn: _outputs_problems(fn, compare.crossover_context, cases,
+                                     _crossover_variants(),
+                                     lambda c: f"contexts {c[0]}, a {c[1]}, b {c[2]}"),
+        lambda: compare.crossover_context, f"passed {len(cases)} cases")
+
+
+# --- one question of the guide --------------------------------------------------------------
+
+
+def _guide_table(spec: dict):
+    """A small harness-shaped table: ``spec`` maps a model to (family, weight bytes, active
+    parameters, state(context, batch), contexts); batch sizes 1 and 8 at every context."""
+    import pandas as pd
+
+    rows = [{"model": m, "family": fam, "context": c, "batch_size": b, "weight_bytes": w,
+             "total_params": w // 2, "active_params": act, "state_bytes": state(c, b)}
+            for m, (fam, w, act, state, contexts) in spec.items()
+            for c in contexts for b in (1, 8)]
+    return pd.DataFrame(rows)
+
+
+def _memory_cases(table) -> list[tuple]:
+    kv = lambda per: (lambda c, b: int(per * c * b))  # noqa: E731
+    return [(table,), (_guide_table({  # MoE fallacy and weights-only
+                 "T": ("transformer", 100_000, 50_000, kv(50), (256, 1024)),
+                 "M": ("mamba", 120_000, 60_000, lambda c, b: 2_000 * b, (256, 1024, 4096)),
+                 "E": ("moe", 300_000, 20_000, kv(5), (256, 1024))}),),
+            (_guide_table({  # the longest context only one model reached
+                 "T": ("transformer", 100_000, 50_000, kv(0.1), (256, 1024)),
+                 "M": ("mamba", 400_000, 200_000, lambda c, b: 1_000 * b, (256, 1024, 4096))}),),
+            (_guide_table({  # the state only
+                 "T": ("transformer", 100_000, 50_000, kv(5), (256, 1024)),
+                 "M": ("mamba", 400_000, 200_000, lambda c, b: 1_000 * b, (256, 1024))}),),
+            (_guide_table({  # batch 1 instead of the largest batch
+                 "T": ("transformer", 100_000, 50_000, kv(60), (256, 1024)),
+                 "M": ("mamba", 300_000, 150_000, lambda c, b: 5_000 * b, (256, 1024))}),)]
+
+
+def _memory_variants() -> dict[str, Callable]:
+    def pick(table, *, cost, shared=True, largest_batch=True):
+        counts = table.groupby("context")["model"].nunique()
+        ctx = counts[counts >= 2].index.max() if shared else counts.index.max()
+        at = table[table["context"] == ctx]
+        batch = at["batch_size"].max() if largest_batch else at["batch_size"].min()
+        at = at[at["batch_size"] == batch]
+        return at.loc[cost(at).idxmin(), "model"]
+
+    total = lambda d: d["weight_bytes"] + d["state_bytes"]  # noqa: E731
+    return {
+        "chose by active parameters: an MoE keeps every expert in memory, so use weight_bytes "
+        "(all parameters resident)":
+            lambda t: pick(t, cost=lambda d: d["active_params"] * d["weight_bytes"]
+                           / d["total_params"] + d["state_bytes"]),
+        "compared the weights only: at long context the inference state counts too":
+            lambda t: pick(t, cost=lambda d: d["weight_bytes"]),
+        "compared the state only: the weights are in memory too":
+            lambda t: pick(t, cost=lambda d: d["state_bytes"]),
+        "used batch size 1: take the largest batch measured at that context":
+            lambda t: pick(t, cost=total, largest_batch=False),
+        "took the longest context any model reached: use the longest that at least two "
+        "models reached, so that there is a choice":
+            lambda t: pick(t, cost=total, shared=False),
+    }
+
+
+def check_memory_choice(memory_choice: Callable, table) -> Callable:
+    """Exercise of lab 2.4.5: ``memory_choice(table)`` names the model the guide picks for a
+    memory-bound long context (``effarch.compare.choose_for_memory``), on the measured table and
+    on small tables built to tell apart the plausible mistakes. Returns the student's function,
+    else the reference."""
+    from effarch import compare
+
+    cases = _memory_cases(table)
+    return _lab245_check(
+        "memory_choice", lambda: memory_choice,
+        lambda fn: _outputs_problems(fn, lambda t: compare.choose_for_memory(t).answer, cases,
+                                     _memory_variants(),
+                                     lambda c: f"a table of {sorted(set(c[0]['model']))}"),
+        lambda: (lambda t: compare.choose_for_memory(t).answer), f"passed {len(cases)} tables")

@@ -503,3 +503,115 @@ def capacity_bars(load, kept, capacity: int, *, layer: int, capacity_factor: flo
     ax.set_xticks(x[:: max(1, e // 16)])
     return _label(fig, ax, "expert", "assignments",
                   f"Layer {layer}, capacity factor {capacity_factor:g}", device)
+
+# =============================================================================================
+# Lab 2.4.5 (architecture comparison): plots of the harness's tables (effarch.compare) and of
+# the recall accuracies (effarch.recall). Every point is a measured row.
+# =============================================================================================
+
+
+def _by_model(table, **where):
+    """``(model, rows sorted by context then batch)`` for each model of the table, in order."""
+    rows = table
+    for column, value in where.items():
+        rows = rows[rows[column] == value]
+    for model in dict.fromkeys(rows["model"]):
+        yield model, rows[rows["model"] == model].sort_values(["context", "batch_size"])
+
+
+def state_vs_context(table, *, device: str, batch_size: int = 1, ax=None):
+    """Inference-state bytes (measured on the real cache) against context, log-log, one line per
+    model of a harness table, at one batch size (lab 2.4.5)."""
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = _figure(ax)
+    for model, rows in _by_model(table, batch_size=batch_size):
+        ax.loglog(rows["context"], rows["state_bytes"], marker="o", label=model)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: format_bytes(y)))
+    ax.set_xscale("log", base=2)
+    return _label(fig, ax, "context (tokens, log scale)", "inference state (bytes, log scale)",
+                  f"State after the prompt, batch {batch_size}", device, grid_minor=True)
+
+
+def decode_vs_context(table, *, device: str, batch_size: int = 1, crossover=None, ax=None):
+    """Decode time per generated token (ms) against context, log-log, one line per model; error
+    bars carry the interquartile range of tokens/s to milliseconds to first order
+    (ms · IQR / rate / 2 each side). ``crossover``: an ``effarch.compare.Crossover`` to mark."""
+    fig, ax = _figure(ax)
+    for model, rows in _by_model(table, batch_size=batch_size):
+        ms = rows["decode_ms_per_token"]
+        half = ms * rows["decode_tok_s_iqr"] / rows["decode_tok_s"] / 2
+        ax.errorbar(rows["context"], ms, yerr=half, marker="o", capsize=3, label=model)
+    if crossover is not None and crossover.context is not None:
+        ax.axvline(crossover.context, color="black", linestyle="--",
+                   label=f"crossover ≈ {crossover.context:,.0f} tokens (interpolated)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    return _label(fig, ax, "context (tokens, log scale)",
+                  "decode time per generated token (ms, log scale)",
+                  f"Decode time against context, batch {batch_size}", device, grid_minor=True)
+
+
+def throughput_vs_batch(table, *, device: str, context: int, ax=None):
+    """Decode tokens/s summed over the batch against batch size at one context, log-log, one
+    line per model; error bars: the interquartile range (lab 2.4.5)."""
+    fig, ax = _figure(ax)
+    for model, rows in _by_model(table, context=context):
+        ax.errorbar(rows["batch_size"], rows["decode_tok_s"], yerr=rows["decode_tok_s_iqr"] / 2,
+                    marker="o", capsize=3, label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    return _label(fig, ax, "batch size (log scale)", "decode tokens/s, whole batch (log scale)",
+                  f"Throughput against batch size at {context:,} tokens", device,
+                  grid_minor=True)
+
+
+def pareto(points, *, front: Sequence[bool], device: str, xlabel: str, ylabel: str,
+           title: str, log_x: bool = True, ax=None):
+    """A Pareto plot: ``points`` maps a model to (x, y); ``front`` marks, in the same order,
+    the models no other beats on both axes (``effarch.compare.pareto_front``), drawn larger and
+    joined by a line."""
+    fig, ax = _figure(ax)
+    names = list(points)
+    for name, on in zip(names, front, strict=True):
+        x, y = points[name]
+        ax.scatter([x], [y], s=90 if on else 40, marker="*" if on else "o",
+                   label=f"{name}{' (front)' if on else ''}")
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    on_front = sorted(points[n] for n, on in zip(names, front, strict=True) if on)
+    if len(on_front) > 1:
+        ax.plot(*zip(*on_front, strict=True), color="gray", linestyle=":", label="Pareto front")
+    if log_x:
+        ax.set_xscale("log")
+    return _label(fig, ax, xlabel, ylabel, title, device)
+
+
+def recall_vs_pairs(recall_table, *, device: str, ax=None):
+    """MQAR accuracy on the queried values against the number of key-value pairs, one line per
+    recall model (lab 2.4.5, Part E)."""
+    fig, ax = _figure(ax)
+    for model, rows in dict(tuple(recall_table.groupby("model", sort=False))).items():
+        rows = rows.sort_values("num_pairs")
+        ax.plot(rows["num_pairs"], rows["accuracy"], marker="o", label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    return _label(fig, ax, "key-value pairs in the sequence (log scale)",
+                  "accuracy on the queried values", "Associative recall against pairs", device)
+
+
+def recall_vs_state(recall_table, *, device: str, ax=None):
+    """Mamba's MQAR accuracy against its state size ``d_state``, one line per number of pairs;
+    the attention model's accuracy at the same number of pairs as a dotted line (lab 2.4.5)."""
+    fig, ax = _figure(ax)
+    mamba = recall_table[recall_table["arch"] == "mamba"]
+    attention = recall_table[recall_table["arch"] == "attention"]
+    for pairs, rows in mamba.groupby("num_pairs"):
+        rows = rows.sort_values("d_state")
+        line, = ax.plot(rows["d_state"], rows["accuracy"], marker="o", label=f"{pairs} pairs")
+        same = attention[attention["num_pairs"] == pairs]["accuracy"]
+        if not same.empty:
+            ax.axhline(float(same.iloc[0]), color=line.get_color(), linestyle=":", alpha=0.7)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    return _label(fig, ax, "Mamba d_state (log scale); dotted: attention at the same pairs",
+                  "accuracy on the queried values", "Recall against Mamba's state size", device)
