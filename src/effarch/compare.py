@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from effarch import backends, bench, compat, data, fast, memory, models
+from effarch import backends, bench, compat, data, fast, memory, models, quality
 from effarch.decoding import TransformersDecoder
 
 FAMILIES = ("transformer", "mamba", "moe", "hybrid")
@@ -205,10 +205,10 @@ def time_generation(decoder, input_ids: torch.Tensor, *, new_tokens: int, repeat
 def quality(decoder, tokenizer, text: str, *, random_weights: bool,
             window: int = QUALITY_WINDOW, stride: int = QUALITY_STRIDE) -> dict:
     """Bits per byte and token perplexity of ``text`` through the one scorer
-    (``bench.evaluate_text``), NaN for random weights (there is no quality to measure)."""
+    (``quality.evaluate_text``), NaN for random weights (there is no quality to measure)."""
     if random_weights:
         return {"bits_per_byte": math.nan, "perplexity": math.nan}
-    res = bench.evaluate_text(decoder, tokenizer, text, window, stride)
+    res = quality.evaluate_text(decoder, tokenizer, text, window, stride)
     return {"bits_per_byte": res.bits_per_byte, "perplexity": res.perplexity}
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from effarch import bench, paths
+from effarch import backends, bench, paths
 
 DEFAULT_TARGETS = ("in_proj", "x_proj")
 """The mixer's linear layers that are called as modules on transformers' PyTorch path."""
@@ -281,20 +281,20 @@ def gradient_check(model, batch: dict[str, torch.Tensor], *, lr: float = 1e-3) -
         no_gradient=[n for n, v in norms[1].items() if not v > 0],
         base_changed=changed,
         trainable_base=[n for n, p in named.items() if p.requires_grad and n not in lora],
-        path=bench.mamba_path(model), losses=losses)
+        path=backends.mamba_path(model), losses=losses)
 
 
 def use_parallel_scan(model) -> str:
     """Train through mambapy's parallel scan where mambapy is installed (transformers'
     ``use_mambapy``; much faster than the sequential loop for a training step on a CPU); returns
-    the Mamba path that now runs (``bench.mamba_path``). Nothing changes where mambapy is
+    the Mamba path that now runs (``backends.mamba_path``). Nothing changes where mambapy is
     missing."""
-    if bench._mambapy_available():
+    if backends.mambapy_available():
         inner = getattr(model, "get_base_model", lambda: model)()
         inner.config.use_mambapy = True
-        for mixer in bench.mamba_mixers(inner):
+        for mixer in backends.mamba_mixers(inner):
             mixer.use_mambapy = True
-    return bench.mamba_path(model)
+    return backends.mamba_path(model)
 
 
 # ------------------------------------------------------------------------------ demonstrations
@@ -357,7 +357,7 @@ def adapter_effect(model, target: str, input_ids: torch.Tensor, *, seed: int = 0
     finally:
         for h in handles:
             h.remove()
-        path = bench.mamba_path(peft_model)
+        path = backends.mamba_path(peft_model)
         peft_model.unload()
         model.eval()
         for n, p in model.named_parameters():  # PEFT froze the base: give back what it had

@@ -331,6 +331,8 @@ def token_experts(experts, tokens: Sequence[str], *, n_experts: int, row_labels:
     ax.set_title(f"{title} — {device_name(device)}")
     fig.colorbar(im, ax=ax, label="first-choice expert",
                  ticks=range(0, n_experts, max(1, n_experts // 16)))
+    return fig
+
 
 def _two_line_title(ax, title: str, device: str) -> None:
     """The title on one line and the machine it was measured on below it (narrow panels)."""
