@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from effarch import backends, bench, compat, data, fast, memory, models, quality
+from effarch import backends, bench, compat, data, fast, memory, models
+from effarch.quality import evaluate_text
 from effarch.decoding import TransformersDecoder
 
 FAMILIES = ("transformer", "mamba", "moe", "hybrid")
@@ -208,7 +209,7 @@ def quality(decoder, tokenizer, text: str, *, random_weights: bool,
     (``quality.evaluate_text``), NaN for random weights (there is no quality to measure)."""
     if random_weights:
         return {"bits_per_byte": math.nan, "perplexity": math.nan}
-    res = quality.evaluate_text(decoder, tokenizer, text, window, stride)
+    res = evaluate_text(decoder, tokenizer, text, window, stride)
     return {"bits_per_byte": res.bits_per_byte, "perplexity": res.perplexity}
 
 
