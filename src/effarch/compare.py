@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from effarch import backends, bench, compat, data, fast, memory, models
-from effarch.quality import evaluate_text
 from effarch.decoding import TransformersDecoder
+from effarch.quality import evaluate_text
 
 FAMILIES = ("transformer", "mamba", "moe", "hybrid")
 QUALITY_WINDOW, QUALITY_STRIDE = 512, 448  # the zoo's final evaluation (data/zoo/zoo_config.json)
