@@ -44,8 +44,8 @@ def probe_table() -> str:
     there is none yet."""
     probe = memory.kept_quantization_probe()
     if probe is None:
-        return ("(no kept run yet: `scripts/probe_quantization.py --json "
-                f"data/measurements/{memory.PROBE_FILE}` on a GPU writes it)")
+        return ("(no kept run yet: on a GPU, `scripts/probe_quantization.py --json` writes "
+                f"`{memory.PROBE_FILE}` into data/measurements)")
     rows = [f"{probe['model']}, {probe['layers']} layers, random weights, on {probe['device_name']} "
             f"(torch {probe['torch']}, transformers {probe['transformers']}), kept in "
             f"`data/measurements/{memory.PROBE_FILE}`:", "",
