@@ -75,28 +75,28 @@ def has_previous_state(cache, layer_idx: int) -> bool:
     return get_state is not None and get_state(layer_idx) is not None
 
 
-def recurrent_state(cache, layer_idx: int):
-    """A layer's SSM state h (b, d, n) held by a cache: 5.24's ``get_recurrent_state``, or
-    5.17's ``ssm_states`` list (``MambaCache``, Jamba's hybrid cache)."""
-    get_state = getattr(cache, "get_recurrent_state", None)
+def _layer_state(cache, layer_idx: int, *, getter: str, field: str, legacy: str):
+    """A layer's state by 5.24's ``cache.<getter>(i)``, a ``layers[i].<field>[0]`` holder, or
+    5.17's ``cache.<legacy>[i]`` list (``MambaCache``, Jamba's hybrid cache)."""
+    get_state = getattr(cache, getter, None)
     if get_state is not None:
         return get_state(layer_idx)
     layers = getattr(cache, "layers", None)
-    if layers and hasattr(layers[layer_idx], "recurrent_states"):
-        return layers[layer_idx].recurrent_states[0]
-    return cache.ssm_states[layer_idx]
+    if layers and hasattr(layers[layer_idx], field):
+        return getattr(layers[layer_idx], field)[0]
+    return getattr(cache, legacy)[layer_idx]
+
+
+def recurrent_state(cache, layer_idx: int):
+    """A layer's SSM state h (b, d, n) held by a cache, on 5.17 and 5.24."""
+    return _layer_state(cache, layer_idx, getter="get_recurrent_state",
+                        field="recurrent_states", legacy="ssm_states")
 
 
 def conv_state(cache, layer_idx: int):
-    """A layer's conv state (b, d, k) held by a cache: 5.24's ``get_conv_state``, or 5.17's
-    ``conv_states`` list (``MambaCache``, Jamba's hybrid cache)."""
-    get_state = getattr(cache, "get_conv_state", None)
-    if get_state is not None:
-        return get_state(layer_idx)
-    layers = getattr(cache, "layers", None)
-    if layers and hasattr(layers[layer_idx], "conv_states"):
-        return layers[layer_idx].conv_states[0]
-    return cache.conv_states[layer_idx]
+    """A layer's conv state (b, d, k) held by a cache, on 5.17 and 5.24."""
+    return _layer_state(cache, layer_idx, getter="get_conv_state", field="conv_states",
+                        legacy="conv_states")
 
 
 def resolved_to_package(fn) -> bool | None:
