@@ -20,6 +20,8 @@ import argparse
 import dataclasses
 import platform
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -96,6 +98,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--scan", choices=("parallel", "chunked", "transformers"))
     ap.add_argument("--max-seconds", type=float, help="per model: stop (logged) past this")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train this many models at once, each in its own process (one GPU "
+                         "runs several of these small models side by side); wall times then "
+                         "include the sharing, and the manifest records it")
     ap.add_argument("--time-scans", action="store_true",
                     help="time one training step of the Mamba-layered models per scan, then exit")
     args = ap.parse_args(argv)
@@ -104,7 +110,72 @@ def main(argv=None) -> int:
     if args.time_scans:
         time_scans([s for s in specs if s.arch != "attention"], cfg, args)
         return 0
+    if args.jobs > 1 and len(specs) > 1:
+        return train_in_processes(specs, cfg, args, argv)
     train_all(specs, cfg, args, argv)
+    return 0
+
+
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """argv without the given options and their values (``--out X``, ``--only a b``)."""
+    out, skipping = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skipping = a.split("=")[0] in flags
+        if not skipping:
+            out.append(a)
+    return out
+
+
+def train_in_processes(specs, cfg, args, argv) -> int:
+    """``--jobs N``: one process per model (N at a time), each writing its folder under
+    ``<out>/.parts``; then the folders move into ``<out>``, and one manifest and one log are
+    written in ``specs`` order, as a single-process run writes them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    base = _without(argv, ("--out", "--only", "--jobs"))
+    parts = args.out / ".parts"
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True)
+    start, pending, running, failed = time.perf_counter(), list(specs), [], []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            spec = pending.pop(0)
+            log = (parts / f"{spec.name}.out").open("w", encoding="utf-8")
+            cmd = [sys.executable, __file__, *base, "--out", str(parts / spec.name),
+                   "--only", spec.name]
+            running.append((spec, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(1.0)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            if item[1].returncode:
+                failed.append(item[0].name)
+    entries, logs, metas = [], [], []
+    for spec in specs:
+        part = parts / spec.name
+        try:
+            manifest = recall.read_manifest(part)
+        except FileNotFoundError:
+            continue
+        entries.extend(manifest.pop("models"))
+        metas.append(manifest)
+        shutil.rmtree(args.out / spec.name, ignore_errors=True)
+        shutil.move(str(part / spec.name), str(args.out / spec.name))
+        logs.append((part / "train_log.txt").read_text(encoding="utf-8"))
+    wall = time.perf_counter() - start
+    if metas:
+        meta = {**metas[0], "wall_s": wall, "jobs": args.jobs,
+                "complete": len(entries) == len(specs) and not failed}
+        recall.write_manifest(args.out, entries, meta)
+    head = f"$ {shlex.join(['python', 'scripts/train_recall.py', *argv])}\n"
+    (args.out / "train_log.txt").write_text(
+        head + "".join(logs) + f"done: {len(entries)} models in {wall:.0f} s "
+        f"({args.jobs} processes at once)\n", encoding="utf-8")
+    if failed:
+        print(f"failed: {', '.join(failed)} (their output: {parts}/<name>.out)", file=sys.stderr)
+        return 1
+    shutil.rmtree(parts)
+    print(f"done: {len(entries)} models in {wall:.0f} s ({args.jobs} processes at once)")
     return 0
 
 

@@ -129,6 +129,20 @@ def test_train_recall_smoke_ships_loadable_models(tmp_path):
     assert all(p.stat().st_size < 50_000 for p in tmp_path.rglob("*.safetensors"))
 
 
+def test_train_recall_in_processes_writes_one_manifest_in_order(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_recall.py"), "--smoke",
+                        "--out", str(tmp_path), "--only", "attention", "mamba-d16-l2-n4",
+                        "--jobs", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [m["name"] for m in manifest["models"]] == ["attention-d16-l2", "mamba-d16-l2-n4"]
+    assert manifest["jobs"] == 2 and manifest["complete"] and manifest["smoke"]
+    log = (tmp_path / "train_log.txt").read_text()
+    assert "== attention-d16-l2" in log and "== mamba-d16-l2-n4" in log
+    assert "done: 2 models" in log and not (tmp_path / ".parts").exists()
+    assert len(recall.load_shipped(tmp_path)) == 2
+
+
 def test_missing_recall_models_say_how_to_restore_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="section 'Missing data files'"):
         recall.load_shipped(tmp_path)
