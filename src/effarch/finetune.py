@@ -242,6 +242,17 @@ class GradientReport:
             and bool(self.second_step)
 
 
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_model(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` on the device of ``model``'s weights (a batch built on the CPU for a model a GPU
+    holds works as it does on a CPU)."""
+    device = _model_device(model)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _grad_norms(named: dict[str, torch.nn.Parameter]) -> dict[str, float]:
     return {n: (p.grad.float().norm().item() if p.grad is not None else 0.0)
             for n, p in named.items()}
@@ -251,6 +262,7 @@ def gradient_check(model, batch: dict[str, torch.Tensor], *, lr: float = 1e-3) -
     """Two training steps of a PEFT model on ``batch`` with AdamW: gradient norms of every LoRA
     matrix at each backward pass, which base weights changed, which base weights are trainable.
     The model's weights are restored afterwards (the check trains nothing)."""
+    batch = _to_model(model, batch)
     named = dict(model.named_parameters())
     lora = lora_matrices(model)
     saved = {n: p.detach().clone() for n, p in named.items()}
@@ -335,6 +347,7 @@ def adapter_effect(model, target: str, input_ids: torch.Tensor, *, seed: int = 0
     from peft import get_peft_model
 
     torch.manual_seed(seed)
+    input_ids = input_ids.to(_model_device(model))
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     cfg = lora_config(4, [target])
     cfg.init_lora_weights = False  # random A and B: a nonzero update B·A
@@ -604,6 +617,7 @@ def training_step_bytes(model, batch: dict[str, torch.Tensor]) -> StepBytes:
     ``torch.autograd.graph.saved_tensors_hooks``; parameters saved there are not counted again."""
     import pandas as pd
 
+    batch = _to_model(model, batch)
     named = dict(model.named_parameters())
     device = next(iter(named.values())).device
     weight_ptrs = {_storage(p)[0] for p in named.values()}

@@ -676,7 +676,7 @@ def measure_cache_bytes(cache) -> CacheBytes:
 
 # --- kept measurements of quantised loading -----------------------------------------------
 
-PROBE_FILE = "probe_quantization_h200.json"
+PROBE_FILE = "probe_quantization_h100.json"
 
 
 def kept_quantization_probe(name: str = PROBE_FILE) -> dict | None:
