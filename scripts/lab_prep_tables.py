@@ -66,7 +66,8 @@ def replace_block(text: str, name: str, body: str) -> str:
     """Put ``body`` between the document's ``<!-- BEGIN/END GENERATED: name -->`` markers."""
     begin, end = f"<!-- BEGIN GENERATED: {name} -->", f"<!-- END GENERATED: {name} -->"
     if begin not in text or end not in text:
-        raise ValueError(f"the markers of the generated {name!r} block are missing")
+        raise ValueError(f"the markers of the generated {name!r} block are missing. See "
+                         "TROUBLESHOOTING.md, section 'Generated documents'.")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{begin}\n{body}\n{end}{tail}"
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                 path.write_text(new, encoding="utf-8")
     if args.check and stale:
         print(f"generated tables are stale in {', '.join(stale)}: run "
-              "python scripts/lab_prep_tables.py")
+              "python scripts/lab_prep_tables.py. See TROUBLESHOOTING.md, section "
+              "'Generated documents'.")
         return 1
     return 0
 
