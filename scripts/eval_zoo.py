@@ -106,7 +106,8 @@ def stream_routes(routes: quality.Routes, n: int) -> list[np.ndarray]:
     the last is scored once when stride < window, so the positions are exactly 0..n-2."""
     if not np.array_equal(routes.positions, np.arange(n - 1)):
         raise SystemExit("the routing statistics need every position routed once: use "
-                         "--stride smaller than --window")
+                         "--stride smaller than --window. See TROUBLESHOOTING.md, section "
+                         "'Training and evaluating the zoo'.")
     return routes.experts
 
 
@@ -278,7 +279,8 @@ def evaluate_all(args: argparse.Namespace, readme: Path, start: float) -> list[d
     missing = [n for n in names
                if not (registry.zoo_path(n, args.zoo) / "model.safetensors").is_file()]
     if missing:
-        raise SystemExit(f"not trained yet: {', '.join(missing)} (run scripts/train_zoo.py)")
+        raise SystemExit(f"not trained yet: {', '.join(missing)} (run scripts/train_zoo.py). "
+                         "See TROUBLESHOOTING.md, section 'Training and evaluating the zoo'.")
     tokenizer = data.load_tokenizer()
     text = data.corpus_text("validation")
     ids = quality.text_ids(tokenizer, text)[0]  # (n,): <|endoftext|>, then the text

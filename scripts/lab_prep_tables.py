@@ -2,7 +2,9 @@
 """Generate the documents' tables (never typed by hand): LAB_PREP.md's model table from effarch's
 registry, its quantisation-probe table from the kept ``scripts/probe_quantization.py`` run, and
 the per-lab full-profile table of README.md and LAB_PREP.md from the kept runs
-(``data/measurements/full_profile_runs.jsonl``, written by ``scripts/run_full_profile.py``).
+(``data/measurements/full_profile_runs.jsonl``, written by ``scripts/run_full_profile.py``);
+the study documents' tables (QUICK_REFERENCE.md, ELI5.md) and README's DGX Spark estimates, each
+computed by effarch's own functions.
 
     python scripts/lab_prep_tables.py          # rewrite the tables
     python scripts/lab_prep_tables.py --check  # exit 1 when a document is stale
@@ -14,7 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from effarch import memory, paths, registry, runs
+import torch
+
+from effarch import finetune, memory, moe, paths, plots, registry, runs, ssm
 
 ROOT = paths.repo_root()
 
@@ -62,11 +66,168 @@ def probe_table() -> str:
     return "\n".join(rows)
 
 
+# --- the study documents -------------------------------------------------------------------
+
+# Inference state: the zoo's four models and the full-size models whose KV cache the formula
+# covers (DeepSeek-V2-Lite's multi-head latent attention caches a compressed latent: not modelled).
+STATE_MODELS = ("tiny-transformer", "tiny-mamba", "tiny-moe", "tiny-hybrid", "phi-2",
+                "mamba-2.8b", "olmoe-1b-7b", "mixtral-8x7b", "qwen1.5-moe-a2.7b", "jamba-v0.1")
+STATE_CONTEXTS = (2048, 32768)
+
+
+def _state_bytes(cfg, context: int) -> int:
+    """Inference state after ``context`` tokens, batch 1, bf16 (the SSM state h in float32)."""
+    return memory.kv_cache_bytes(cfg, context) + memory.ssm_state_bytes(cfg)
+
+
+def state_table() -> str:
+    """KV cache and Mamba state of each model, from ``memory.kv_cache_bytes`` and
+    ``memory.ssm_state_bytes`` (lab 2.4.1's formulas, checked against real caches)."""
+    head = " | ".join(f"state at {c:,} tokens" for c in STATE_CONTEXTS)
+    rows = [f"| model | type | positions | KV cache per token | Mamba state (any length) | {head} |",
+            "| --- | --- | --- | --- | --- |" + " --- |" * len(STATE_CONTEXTS)]
+    for name in STATE_MODELS:
+        cfg = registry.get_config(name)
+        limit = getattr(cfg, "max_position_embeddings", None)
+        cells = " | ".join(plots.format_bytes(_state_bytes(cfg, c)) if not limit or c <= limit
+                           else f"({plots.format_bytes(_state_bytes(cfg, c))})"
+                           for c in STATE_CONTEXTS)
+        rows.append(f"| {name} | {cfg.model_type} | {f'{limit:,}' if limit else 'no limit'} | "
+                    f"{memory.kv_cache_bytes(cfg, 1):,} B | {memory.ssm_state_bytes(cfg):,} B | "
+                    f"{cells} |")
+    return "\n".join(rows)
+
+
+def _even_logits(tokens: int, experts: int, k: int, collapsed: bool) -> torch.Tensor:
+    """(T, E) router logits: token t prefers experts t, t+1, … (mod E) in that order — every
+    expert chosen equally often —, or, collapsed, experts 0, 1, … for every token."""
+    logits = torch.zeros(tokens, experts)
+    for j in range(k):
+        cols = torch.full((tokens,), j) if collapsed else (torch.arange(tokens) + j) % experts
+        logits[torch.arange(tokens), cols] = 20.0 - 10.0 * j
+    return logits
+
+
+def switch_loss_table() -> str:
+    """``moe.load_balancing_loss`` (transformers' pooled Switch loss, no α) on routers built to
+    be perfectly even or collapsed."""
+    rows = ["| experts E | top-k | every expert chosen equally | every token to the same k experts |",
+            "| --- | --- | --- | --- |"]
+    for experts, k in ((8, 1), (8, 2), (64, 8)):
+        loss = [float(moe.load_balancing_loss(_even_logits(experts * 64, experts, k, c),
+                                              experts, k)) for c in (False, True)]
+        rows.append(f"| {experts} | {k} | {loss[0]:.3f} | {loss[1]:.3f} |")
+    return "\n".join(rows)
+
+
+def capacity_table(tokens: int = 4096) -> str:
+    """``moe.expert_capacity`` for a batch of ``tokens`` tokens."""
+    factors = (1.0, 1.25, 2.0)
+    rows = ["| experts E | top-k | even share (T·k/E) | "
+            + " | ".join(f"capacity at factor {f}" for f in factors) + " |",
+            "| --- | --- | --- |" + " --- |" * len(factors)]
+    for experts, k, who in ((8, 2, "Mixtral"), (64, 8, "OLMoE")):
+        caps = " | ".join(f"{moe.expert_capacity(tokens, k, experts, f):,}" for f in factors)
+        rows.append(f"| {experts} ({who}) | {k} | {tokens * k / experts:,.0f} | {caps} |")
+    return "\n".join(rows)
+
+
+def lora_table(rank: int = 8) -> str:
+    """Trainable parameters of LoRA on ``in_proj`` and ``x_proj`` (``finetune.expected_lora_counts``)
+    against the model's total (``memory.count_params``)."""
+    rows = ["| model | module | lora_A (r × in) | lora_B (out × r) | in all layers | "
+            "share of the model |", "| --- | --- | --- | --- | --- | --- |"]
+    for name in ("tiny-mamba", "mamba-2.8b"):
+        cfg = registry.get_config(name)
+        counts, shapes = finetune.expected_lora_counts(cfg, rank), finetune.lora_shapes(cfg)
+        total = memory.count_params(cfg).total
+        for target in finetune.DEFAULT_TARGETS:
+            fan_in, fan_out = shapes[target]
+            n = counts[f"{target}.lora_A"] + counts[f"{target}.lora_B"]
+            rows.append(f"| {name} | `{target}` | {rank} × {fan_in:,} | {fan_out:,} × {rank} | "
+                        f"{n:,} | {n / total:.2%} |")
+        n = sum(counts.values())
+        rows.append(f"| {name} | both | | | {n:,} | {n / total:.2%} |")
+    return "\n".join(rows)
+
+
+def discretisation_table() -> str:
+    """``ssm.discretize`` (B̄ = ΔB, what Mamba uses) against ``ssm.discretize_zoh_exact``."""
+    x = torch.tensor([0.01, 0.1, 0.5, 1.0, 2.0, 5.0])               # Δ·|A|
+    delta, A, B = x[None, :, None], -torch.ones(len(x), 1), torch.ones(1, 1, 1)
+    a_bar, b_first = ssm.discretize(delta, A, B)
+    _, b_exact = ssm.discretize_zoh_exact(delta, A, B)
+    rows = ["| Δ·(−A) | Ā = exp(ΔA) | B̄ = ΔB (Mamba) ÷ exact B̄ | relative error |",
+            "| --- | --- | --- | --- |"]
+    for i, v in enumerate(x.tolist()):
+        ratio = float(b_first[0, i, 0, 0] / b_exact[0, i, 0, 0])
+        rows.append(f"| {v:g} | {float(a_bar[0, i, 0, 0]):.4f} | {ratio:.4f} | {ratio - 1:.2%} |")
+    return "\n".join(rows)
+
+
+def eli5_numbers() -> str:
+    """The few figures ELI5.md quotes, as sentences."""
+    phi, mamba, olmoe = (registry.get_config(n) for n in ("phi-2", "mamba-2.8b", "olmoe-1b-7b"))
+    per_token, state = memory.kv_cache_bytes(phi, 1), memory.ssm_state_bytes(mamba)
+    limit = phi.max_position_embeddings
+    pc = memory.count_params(olmoe)
+    return (f"- Phi-2, a transformer of {memory.count_params(phi).total / 1e9:.2f} billion "
+            f"parameters, adds "
+            f"{plots.format_bytes(per_token)} of KV cache for every token it reads: "
+            f"{plots.format_bytes(memory.kv_cache_bytes(phi, limit))} at its limit of "
+            f"{limit:,} tokens, for one sequence. Mamba-2.8B's state is "
+            f"{plots.format_bytes(state)} whatever the length — the KV cache of "
+            f"{state / per_token:.0f} tokens.\n"
+            f"- OLMoE-1B-7B holds {pc.total / 1e9:.2f} billion parameters; each token runs "
+            f"through {pc.active / 1e9:.2f} billion of them ({pc.experts_per_token} of its "
+            f"{pc.n_experts} experts in each layer, plus attention and embeddings): each token "
+            f"uses {pc.active / pc.total:.0%} of the parameters, and the memory holds all of "
+            f"them.")
+
+
+# --- DGX Spark: estimates from published figures, not measurements ----------------------------
+
+SPARK_BANDWIDTH = 273e9   # bytes/s: NVIDIA's published LPDDR5x bandwidth of DGX Spark
+SPARK_MEMORY = 128e9      # bytes: its unified memory, shared by the CPU and the GPU
+SPARK_MODELS = ("mamba-2.8b", "phi-2", "olmoe-1b-7b", "mixtral-8x7b", "jamba-v0.1")
+SPARK_CONTEXT = 2048
+
+
+def decode_step_bytes(name: str, context: int = SPARK_CONTEXT) -> int:
+    """Bytes one decode step reads at batch 1, bf16: the weights a token uses (an MoE's k experts
+    per layer; an untied input embedding is read one row, so not counted), the KV cache after
+    ``context`` tokens and the Mamba state."""
+    cfg = registry.get_config(name)
+    pc = memory.count_params(cfg)
+    weights = (pc.active - (pc.embedding if pc.lm_head else 0)) * memory.dtype_bytes("bfloat16")
+    return int(weights + _state_bytes(cfg, context))
+
+
+def spark_table() -> str:
+    rows = [f"| model | weights in bf16 | share of {SPARK_MEMORY / 1e9:.0f} GB | bytes a decode "
+            f"step reads (batch 1, {SPARK_CONTEXT:,}-token context) | decode bound at "
+            f"{SPARK_BANDWIDTH / 1e9:.0f} GB/s |", "| --- | --- | --- | --- | --- |"]
+    for name in SPARK_MODELS:
+        weights, step = memory.estimate_weights_bytes(name), decode_step_bytes(name)
+        rows.append(f"| {name} | {weights / 1e9:.1f} GB | {weights / SPARK_MEMORY:.0%} | "
+                    f"{step / 1e9:.2f} GB | {SPARK_BANDWIDTH / step:.0f} tokens/s |")
+    return "\n".join(rows)
+
+
+STUDY_BLOCKS = {
+    "QUICK_REFERENCE.md": {"inference state": state_table, "switch loss": switch_loss_table,
+                           "capacity": capacity_table, "lora targets": lora_table,
+                           "discretisation": discretisation_table},
+    "ELI5.md": {"eli5 numbers": eli5_numbers},
+}
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     """Put ``body`` between the document's ``<!-- BEGIN/END GENERATED: name -->`` markers."""
     begin, end = f"<!-- BEGIN GENERATED: {name} -->", f"<!-- END GENERATED: {name} -->"
     if begin not in text or end not in text:
-        raise ValueError(f"the markers of the generated {name!r} block are missing")
+        raise ValueError(f"the markers of the generated {name!r} block are missing. See "
+                         "TROUBLESHOOTING.md, section 'Generated documents'.")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{begin}\n{body}\n{end}{tail}"
@@ -79,8 +240,15 @@ def documents() -> dict[Path, str]:
     lab_prep = replace_block(lab_prep, "model table", model_table())
     lab_prep = replace_block(lab_prep, "quantisation probe", probe_table())
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    return {ROOT / "LAB_PREP.md": replace_block(lab_prep, "full-profile runs", table),
-            ROOT / "README.md": replace_block(readme, "full-profile runs", table)}
+    readme = replace_block(readme, "dgx spark estimates", spark_table())
+    out = {ROOT / "LAB_PREP.md": replace_block(lab_prep, "full-profile runs", table),
+           ROOT / "README.md": replace_block(readme, "full-profile runs", table)}
+    for doc, blocks in STUDY_BLOCKS.items():
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        for name, make in blocks.items():
+            text = replace_block(text, name, make())
+        out[ROOT / doc] = text
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 path.write_text(new, encoding="utf-8")
     if args.check and stale:
         print(f"generated tables are stale in {', '.join(stale)}: run "
-              "python scripts/lab_prep_tables.py")
+              "python scripts/lab_prep_tables.py. See TROUBLESHOOTING.md, section "
+              "'Generated documents'.")
         return 1
     return 0
 

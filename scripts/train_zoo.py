@@ -76,7 +76,9 @@ class Run:
         state = torch.load(path, map_location=self.device, weights_only=False)
         if state["fingerprint"] != self.fp:
             raise SystemExit(f"{path} was written with other settings (fingerprint "
-                             f"{state['fingerprint']} != {self.fp}); start afresh without --resume")
+                             f"{state['fingerprint']} != {self.fp}); start afresh without "
+                             "--resume. See TROUBLESHOOTING.md, section "
+                             "'Training and evaluating the zoo'.")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
@@ -164,7 +166,9 @@ def train_model(run: Run, deadline: float, stop_after: int | None) -> bool:
         lr = run.sched.get_last_lr()[0]
         loss, aux = run.train_step()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"{run.name}: loss {loss} at step {run.step}")
+            raise FloatingPointError(f"{run.name}: loss {loss} at step {run.step}. See "
+                                     "TROUBLESHOOTING.md, section "
+                                     "'Training and evaluating the zoo'.")
         bench.synchronize(run.device)
         dt = time.time() - t0
         run.elapsed += dt
@@ -349,7 +353,8 @@ def prepare_data(settings: dict, work: Path):
     tokenizer = data.load_tokenizer()
     if len(tokenizer) > settings["vocab_size"]:
         raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens but zoo_config.json says "
-                         f"vocab_size {settings['vocab_size']}")
+                         f"vocab_size {settings['vocab_size']}. See TROUBLESHOOTING.md, "
+                         "section 'Training and evaluating the zoo'.")
     tokens = training.train_tokens(tokenizer, work / "tokens",
                                    max_chars=settings.get("train_chars"))
     sampler = training.WindowSampler(tokens, settings["seq_len"], settings["batch_size"],

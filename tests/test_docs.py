@@ -1,5 +1,8 @@
 """The documents the errors point to, and the generated tables, stay true."""
 
+import ast
+import inspect
+import json
 import os
 import re
 import subprocess
@@ -7,21 +10,235 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = re.compile(r"(?:section|TROUBLE\}) '([^']+)'")
+SECTION = re.compile(r"(?:section|TROUBLE\}|SEE_BUILDING\}?) '([^']+)'")
+# Adjacent string literals ("… section " "'Title'."), joined before SECTION reads them.
+ADJACENT = re.compile(r"""(["'])\s*\n?\s*f?\1""")
+
+
+def _python_sources() -> list[Path]:
+    return [*ROOT.joinpath("src").rglob("*.py"), *ROOT.joinpath("scripts").glob("*.py")]
+
+
+def _headings() -> set[str]:
+    return set(re.findall(r"^## (.+)$", (ROOT / "TROUBLESHOOTING.md").read_text(), re.M))
 
 
 def _referenced_sections() -> set[str]:
     found = set()
-    for path in [*ROOT.joinpath("src").rglob("*.py"), *ROOT.joinpath("scripts").glob("*.py")]:
-        found |= set(SECTION.findall(path.read_text()))
+    for path in _python_sources():
+        found |= set(SECTION.findall(ADJACENT.sub("", path.read_text())))
     return found
 
 
 def test_every_referenced_troubleshooting_section_exists():
-    headings = set(re.findall(r"^## (.+)$", (ROOT / "TROUBLESHOOTING.md").read_text(), re.M))
     referenced = _referenced_sections()
     assert referenced, "no references found: the pattern is broken"
-    assert referenced <= headings, referenced - headings
+    assert referenced <= _headings(), referenced - _headings()
+
+
+# Raises that name no section, each with the reason. Keyed by (file, enclosing function); every
+# other `raise` of a new exception in src/effarch and scripts/ must name a TROUBLESHOOTING.md
+# section, directly or through a helper that test_error_helpers_name_a_section runs.
+NO_SECTION = {
+    ("scripts/bench_before_after.py", "one"): "internal: prints the worker's own output",
+    ("scripts/probe_quantization.py", "forward_ms"): "a measurement's outcome, kept as such",
+    ("scripts/train_zoo.py", "check_reload"): "internal invariant: the file this run just wrote",
+    ("scripts/eval_zoo.py", "evaluate_all"): "re-raises zoo.model_names' message, which names one",
+    ("scripts/train_zoo.py", "main"): "re-raises zoo.model_names' message, which names one",
+    ("src/effarch/checks.py", "check_function"): "a check written without cases: a course bug",
+    ("src/effarch/checks.py", "check_topk_route"): "a check's own precondition: a course bug",
+    ("src/effarch/checks.py", "_finish"): "strict mode: the result's text names the section",
+    ("src/effarch/checks.py", "FakeDecoder.prefill"): "shown inside the check's ❌ report",
+    ("src/effarch/checks.py", "FakeDecoder.step"): "shown inside the check's ❌ report",
+    ("src/effarch/finetune.py", "interrupt_at.InterruptAt.on_step_end"): "the interruption asked for",
+}
+# Helpers whose messages carry the section (run by test_error_helpers_name_a_section).
+SECTION_HELPERS = ("_missing(", "offline_error(", "_held_message(", "qlora_unavailable(", "{fix}",
+                   "(reason)")
+
+
+def _names_a_section(text: str) -> bool:
+    return any(h in text for h in ("TROUBLE", "SEE_", "_HELP", *SECTION_HELPERS))
+
+
+def _bare_raises(node, source: str, scope: list[str]):
+    """(enclosing function, line) of each `raise <new exception>` under ``node`` that names no
+    section."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield from _bare_raises(child, source, [*scope, child.name])
+            continue
+        if isinstance(child, ast.Raise) and child.exc is not None \
+                and not _names_a_section(ast.get_source_segment(source, child)):
+            yield ".".join(scope), child.lineno
+        yield from _bare_raises(child, source, scope)
+
+
+def _raises_without_section() -> dict[tuple[str, str], list[int]]:
+    found: dict[tuple[str, str], list[int]] = {}
+    for path in _python_sources():
+        source = path.read_text()
+        for scope, line in _bare_raises(ast.parse(source), source, []):
+            found.setdefault((path.relative_to(ROOT).as_posix(), scope), []).append(line)
+    return found
+
+
+def test_every_user_fixable_raise_names_a_section():
+    found = _raises_without_section()
+    new = {f"{f}:{lines} in {fn or '<module>'}" for (f, fn), lines in found.items()
+           if (f, fn) not in NO_SECTION}
+    assert not new, ("raises that name no TROUBLESHOOTING.md section (add one, or list the "
+                     "raise in NO_SECTION with the reason): " + "; ".join(sorted(new)))
+    stale = sorted(set(NO_SECTION) - set(found))
+    assert not stale, f"NO_SECTION lists raises that no longer exist or now name one: {stale}"
+
+
+def test_error_helpers_name_a_section(monkeypatch):
+    from effarch import checks, data, finetune, labs, registry
+
+    messages = [str(data._missing("x is missing", "python scripts/build_corpus.py")),
+                str(registry.offline_error(registry.get_spec("mamba-130m"))),
+                labs._held_message(ROOT / "labs", {"lab-2.4.1-x.ipynb": "it carries outputs"})]
+    for target in ("out_proj", "dt_proj", "nothing"):
+        try:
+            finetune.validate_targets([target])
+        except finetune.FinetuneError as exc:
+            messages.append(str(exc))
+    monkeypatch.setattr(finetune.torch.cuda, "is_available", lambda: False)
+    messages.append(finetune.qlora_unavailable())
+    monkeypatch.setenv("EFFARCH_STRICT", "1")
+    try:
+        checks.check_value("helpers_test", 1, 2)
+    except checks.CheckFailed as exc:
+        messages.append(str(exc))
+    finally:
+        checks.reset()
+    assert len(messages) == 8
+    headings = _headings()
+    for message in messages:
+        sections = SECTION.findall(message)
+        assert sections and set(sections) <= headings, message
+
+
+def _document_texts() -> dict[str, str]:
+    """The top-level documents and every notebook's cells, whitespace folded to one space."""
+    texts = {p.name: p.read_text(encoding="utf-8") for p in ROOT.glob("*.md")}
+    for nb in [*ROOT.glob("labs/*.ipynb"), *ROOT.glob("solutions/*.ipynb")]:
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        texts[nb.relative_to(ROOT).as_posix()] = "\n".join("".join(c["source"]) for c in cells)
+    return {name: re.sub(r"\s+", " ", text) for name, text in texts.items()}
+
+
+# `TROUBLESHOOTING.md, "Mamba is slow"`, `ELI5.md, section "Hybrids"` or `X.md, "A" and "B"`:
+# sections of a document, cited by their headings.
+_TITLE = r"[\"'“][A-Za-z][^\"'”]*[\"'”]"
+DOC_SECTION = re.compile(rf"\b([A-Z][A-Z0-9_]+\.md), (?:sections? )?({_TITLE}(?:(?:,? and |, | or ){_TITLE})*)")
+
+
+def _cited_sections(text: str) -> list[tuple[str, str]]:
+    return [(doc, title[1:-1]) for doc, titles in DOC_SECTION.findall(text)
+            for title in re.findall(_TITLE, titles)]
+
+
+def test_documents_cite_existing_sections():
+    """A section of a top-level document cited by name (in a document or a notebook) exists
+    there, as a heading of any level."""
+    cited = {(name, doc, s) for name, text in _document_texts().items()
+             for doc, s in _cited_sections(text)}
+    assert {doc for _, doc, _ in cited} >= {"TROUBLESHOOTING.md", "ELI5.md"}, cited
+    missing = []
+    for name, doc, section in sorted(cited):
+        path = ROOT / doc
+        headings = set(re.findall(r"^#+ (.+)$", path.read_text(), re.M)) if path.is_file() else ()
+        if section not in headings:
+            missing.append(f"{name} cites {doc}, {section!r}")
+    assert not missing, missing
+
+
+def test_generated_blocks_are_all_written_by_the_generator():
+    """Every `BEGIN GENERATED` block of a top-level document is one scripts/lab_prep_tables.py
+    writes (so none is typed by hand and left stale), and each has its END marker."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import lab_prep_tables
+    finally:
+        sys.path.pop(0)
+    written = lab_prep_tables.documents()
+    for path in ROOT.glob("*.md"):
+        text = path.read_text(encoding="utf-8")
+        names = re.findall(r"^<!-- BEGIN GENERATED: (.+?) -->$", text, re.M)
+        assert len(names) == len(re.findall(r"^<!-- END GENERATED: .+ -->$", text, re.M)), path.name
+        if names:
+            assert path in written, f"{path.name} has generated blocks the generator ignores"
+            assert written[path] == text, f"{path.name} is stale: run scripts/lab_prep_tables.py"
+    assert {p.name for p in written} >= {"README.md", "LAB_PREP.md", "QUICK_REFERENCE.md",
+                                          "ELI5.md"}
+
+
+# `module.function(...)` in a document: the function must exist in effarch and take the keyword
+# arguments written (a document's call is a promise of an API).
+MODULES = ("backends", "bench", "checks", "compare", "data", "decoding", "doctor", "fast",
+           "finetune", "hooks", "memory", "models", "moe", "paths", "plots", "profile",
+           "quality", "recall", "registry", "runs", "ssm", "zoo")
+API_CALL = re.compile(r"(?<![\w.])(?:effarch\.)?(" + "|".join(MODULES) + r")\.([A-Za-z_]\w*)"
+                      r"(\((?:[^()]|\([^()]*\))*\))?")
+API_DOCUMENTS = ("QUICKSTART.md", "STUDY_GUIDE.md", "QUICK_REFERENCE.md", "ELI5.md",
+                 "TROUBLESHOOTING.md", "README.md", "LAB_PREP.md")
+
+
+def _arguments(call: str) -> tuple[int, list[str]]:
+    """How many positional arguments a written call passes, and its keywords (``...`` and
+    ``…`` stand for elided arguments and count as neither)."""
+    inner = call[1:-1]
+    depth, parts, cur = 0, [], ""
+    for ch in inner:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    parts = [p.strip() for p in parts if p.strip() not in ("", "...", "…")]
+    keywords = [m.group(1) for p in parts if (m := re.match(r"(\w+)\s*=(?!=)", p))]
+    positional = [p for p in parts if not re.match(r"\w+\s*=(?!=)", p) and not
+                  p.startswith("*")]
+    return len(positional), keywords
+
+
+def test_effarch_calls_in_documents_exist():
+    import importlib
+
+    problems, seen = [], 0
+    for doc in API_DOCUMENTS:
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        for code in re.findall(r"`([^`]+)`", text):
+            for mod, name, call in API_CALL.findall(code):
+                seen += 1
+                obj = getattr(importlib.import_module(f"effarch.{mod}"), name, None)
+                if obj is None:
+                    problems.append(f"{doc}: effarch.{mod}.{name} does not exist")
+                    continue
+                if not call or not callable(obj):
+                    continue
+                try:
+                    params = inspect.signature(obj).parameters
+                except (TypeError, ValueError):
+                    continue
+                n_positional, keywords = _arguments(call)
+                kinds = {p.kind for p in params.values()}
+                takes = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                            for p in params.values())
+                if inspect.Parameter.VAR_POSITIONAL not in kinds and n_positional > takes:
+                    problems.append(f"{doc}: {mod}.{name} takes {takes} positional arguments, "
+                                    f"{n_positional} written")
+                if inspect.Parameter.VAR_KEYWORD in kinds:
+                    continue
+                problems += [f"{doc}: {mod}.{name} takes no argument {kw!r}"
+                             for kw in keywords if kw not in params]
+    assert seen, "no calls found: the pattern is broken"
+    assert not problems, problems
 
 
 def test_lab_prep_table_is_generated_and_current():

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 # The clock every timed region reads; a module attribute so that tests can substitute a fake one.
 _clock = time.perf_counter
 
+TROUBLE = "See TROUBLESHOOTING.md, section"
+
 
 @contextlib.contextmanager
 def _no_gc():
@@ -159,7 +161,7 @@ class Timing:
     def from_samples(cls, samples: Sequence[float]) -> Timing:
         s = tuple(float(x) for x in samples)
         if not s:
-            raise ValueError("no samples to summarise")
+            raise ValueError(f"no samples to summarise. {TROUBLE} 'Benchmark settings'.")
         q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else s * 3
         sd = statistics.stdev(s) if len(s) > 1 else 0.0
         return cls(statistics.median(s), min(s), max(s), q1, q3, sd, s)
@@ -221,7 +223,7 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` calls each synchronised on both
     sides, so queued GPU work is neither counted for the next call nor left out of this one."""
     if repeats < 1:
-        raise ValueError("repeats must be at least 1")
+        raise ValueError(f"repeats must be at least 1. {TROUBLE} 'Benchmark settings'.")
     if device is None:
         from effarch.profile import default_device
         device = default_device()
@@ -286,7 +288,8 @@ def time_prefill_decode(decoder: Decoder, input_ids: torch.Tensor, *, new_tokens
     replaced (a fake device in a check); call it under ``torch.no_grad()``.
     """
     if new_tokens < 2:
-        raise ValueError("new_tokens must be at least 2: the first token comes from the prefill")
+        raise ValueError("new_tokens must be at least 2: the first token comes from the "
+                         f"prefill. {TROUBLE} 'Benchmark settings'.")
     ttft, per_token = [], []
     for run in range(warmup + repeats):
         first, decode_s, _ = _timed_generation(decoder, input_ids, attention_mask=None,
@@ -374,7 +377,8 @@ def measure_generation(model, input_ids: torch.Tensor, *, new_tokens: int = 32,
     latency is then its mean), letting the CPU queue steps ahead as an unsynchronised loop does.
     """
     if new_tokens < 2:
-        raise ValueError("new_tokens must be at least 2: the first token comes from the prefill")
+        raise ValueError("new_tokens must be at least 2: the first token comes from the "
+                         f"prefill. {TROUBLE} 'Benchmark settings'.")
     decoder = as_decoder(model)
     input_ids = input_ids.to(decoder.device)
     attention_mask = None if attention_mask is None else attention_mask.to(decoder.device)
@@ -479,7 +483,7 @@ def random_input_ids(vocab_size: int, length: int, *, batch_size: int = 1,
 def _text_input_maker(tokenizer, text: str, batch_size: int) -> Callable[[int], torch.Tensor]:
     ids = torch.as_tensor(tokenizer(text)["input_ids"]).flatten()  # (N,)
     if ids.numel() == 0:
-        raise ValueError("the text has no tokens")
+        raise ValueError(f"the text has no tokens. {TROUBLE} 'Benchmark settings'.")
 
     def make(length: int) -> torch.Tensor:  # the text's tokens, repeated when it is too short
         reps = math.ceil(length / ids.numel())

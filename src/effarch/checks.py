@@ -346,8 +346,8 @@ def _finish(result: CheckResult, value: Any, cause: BaseException | None = None)
     """Record and print the result; in strict mode raise on ❌ / ⏭, else return ``value``."""
     strict = profile.strict()
     if not result.passed:
-        tail = ("EFFARCH_STRICT=1, so the check raises" if strict
-                else "the reference stands in so the lab goes on")
+        tail = ("EFFARCH_STRICT=1, so the check raises (TROUBLESHOOTING.md, section "
+                "'Notebook checks')" if strict else "the reference stands in so the lab goes on")
         details = result.details
         if len(details) > _MAX_DETAIL_LINES:
             details = (*details[:_MAX_DETAIL_LINES], f"… {len(details) - _MAX_DETAIL_LINES} more")

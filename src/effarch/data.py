@@ -28,6 +28,7 @@ DOMAINS = ("code", "prose", "arithmetic", "structured")
 DOC_SEPARATOR = "\n\n"
 EOS_TOKEN = "<|endoftext|>"
 _HELP = "See TROUBLESHOOTING.md, section 'Missing data files'."
+TROUBLE = "See TROUBLESHOOTING.md, section"
 
 
 class MissingDataError(FileNotFoundError):
@@ -53,7 +54,8 @@ def tokenizer_dir() -> Path:
 
 def _check_split(split: str) -> str:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}. "
+                         f"{TROUBLE} 'Unknown names and values'.")
     return split
 
 
@@ -100,7 +102,8 @@ def corpus_text(split: str) -> str:
 def domain_text(split: str, domain: str) -> str:
     """The documents of one domain in ``split``, joined by ``DOC_SEPARATOR``."""
     if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
+        raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}. "
+                         f"{TROUBLE} 'Unknown names and values'.")
     return DOC_SEPARATOR.join(d.text for d in _load_split(_check_split(split))
                               if d.domain == domain)
 
@@ -116,7 +119,8 @@ def domain_samples(split: str, domain: str, n_chars: int = 2000, n: int = 1,
     docs = [d for d in corpus_domains(split) if d.domain == domain]
     if domain not in DOMAINS or not docs:
         raise ValueError(f"no documents of domain {domain!r} in {split!r}; "
-                         f"valid domains: {', '.join(DOMAINS)}")
+                         f"valid domains: {', '.join(DOMAINS)}. "
+                         f"{TROUBLE} 'Unknown names and values'.")
     rng = random.Random(f"{split}:{domain}:{seed}")
     return [_excerpt(rng.choice(docs).text, n_chars, rng) for _ in range(n)]
 

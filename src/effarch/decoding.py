@@ -19,6 +19,8 @@ import torch
 
 from effarch import backends, compat
 
+TROUBLE = "See TROUBLESHOOTING.md, section"
+
 
 @runtime_checkable
 class Decoder(Protocol):
@@ -85,7 +87,7 @@ class TransformersDecoder:
         if self.cache is None:
             raise ValueError(f"{self.model_class} returned no cache (looked for "
                              f"{', '.join(compat.CACHE_NAMES)}); decoding needs a model that "
-                             "supports use_cache=True")
+                             f"supports use_cache=True. {TROUBLE} 'Benchmark settings'.")
         self.past_length = input_ids.shape[1]
         return out.logits[:, -1, :]
 

@@ -30,6 +30,7 @@ from effarch.mixer import conv_tail, mixer_prefill, mixer_step
 from effarch.ssm import prepare_delta, readout, selective_scan_ref
 
 BACKENDS = ("auto", "triton", "chunked", "reference")
+TROUBLE = "See TROUBLESHOOTING.md, section"
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,7 +65,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns out (b, d, l) in u's dtype, and the last state (b, d, n) float32 if asked.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}. "
+                         f"{TROUBLE} 'Fast path arguments'.")
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
@@ -72,7 +74,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         backend = choose_backend(u, needs_grad)
     elif backend == "triton" and needs_grad:
         raise ValueError("the Triton scan is forward-only: with gradients use backend='auto' or "
-                         "'chunked'")
+                         f"'chunked'. {TROUBLE} 'Fast path arguments'.")
     if B.dim() != 3 or C.dim() != 3:  # grouped or fixed B/C: only the reference takes them
         backend = "reference"
     fn = {"triton": selective_scan_triton, "chunked": selective_scan_chunked,
@@ -206,7 +208,8 @@ class MambaFastGenerator:
         cfg = model.config
         # FalconMamba's mixer normalises dt, B and C after the split, which this path does not
         if getattr(cfg, "model_type", "") != "mamba":
-            raise TypeError(f"MambaFastGenerator needs a MambaForCausalLM, got {type(model)}")
+            raise TypeError(f"MambaFastGenerator needs a MambaForCausalLM, got {type(model)}. "
+                            f"{TROUBLE} 'Fast path arguments'.")
         self.model, self.cfg, self.backend = model, cfg, backend
         self.layers = [blk for blk in model.backbone.layers]
         first = self.layers[0].mixer
@@ -274,7 +277,8 @@ class MambaFastGenerator:
         Rows must be unpadded: the prefill reads every position (``attention_mask`` None)."""
         if attention_mask is not None:
             raise ValueError("effarch.fast's generator takes unpadded prompts only: pass "
-                             "attention_mask=None (rows of equal length)")
+                             "attention_mask=None (rows of equal length). "
+                             f"{TROUBLE} 'Fast path arguments'.")
         b, length = input_ids.shape
         if self._batch != b:
             self._allocate(b)

@@ -474,7 +474,8 @@ def training_arguments(output_dir, settings: TrainSettings = TrainSettings(), *,
 
     if settings.batch_size % processes:
         raise FinetuneError(f"the batch of {settings.batch_size} rows does not split over "
-                            f"{processes} processes; pick a batch size divisible by it")
+                            f"{processes} processes; pick a batch size divisible by it. "
+                            f"{TROUBLE} 'Several processes on a CPU'.")
     kw = dict(
         output_dir=str(output_dir), max_steps=settings.max_steps,
         per_device_train_batch_size=settings.batch_size // processes,
@@ -703,7 +704,8 @@ def load_4bit(name: str, *, weights: str = "pretrained", workdir=None):
     spec = models.as_spec(name)
     if workdir is None:
         raise FinetuneError("random weights are written to disk before 4-bit loading: pass "
-                            "workdir= (a folder with room for the bf16 weights)")
+                            "workdir= (a folder with room for the bf16 weights). "
+                           f"{TROUBLE} 'QLoRA on the CPU'.")
     built, tokenizer = models.load_model(spec, weights="random", dtype=torch.bfloat16,
                                          device="cuda")
     built.save_pretrained(workdir)

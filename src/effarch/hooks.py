@@ -28,6 +28,8 @@ from effarch.decoding import TransformersDecoder, inference
 from effarch.mixer import mixer_prefill
 from effarch.ssm import selective_scan_ref, selective_scan_states
 
+TROUBLE = "See TROUBLESHOOTING.md, section"
+
 __all__ = ["DecodeStep", "SSMCapture", "SSMTrace", "capture_mixer_inputs", "capture_ssm",
            "find_ssm_mixers", "recompute_mixer", "record_decode_step", "scan_arguments"]
 
@@ -207,7 +209,8 @@ def _before(capture: SSMCapture, pending: dict, layer: int, mixer, args, kwargs)
         pending[layer] = recompute_mixer(mixer, hidden, mask)
     except Exception as error:  # name the layer: the traceback alone points into transformers
         raise RuntimeError(f"capture_ssm could not recompute Mamba layer {layer} "
-                           f"({type(mixer).__name__}): {error}") from error
+                           f"({type(mixer).__name__}): {error}. {TROUBLE} 'SSM capture'."
+                           ) from error
 
 
 def _after(capture: SSMCapture, pending: dict, layer: int, mixer, args, kwargs, output):
@@ -246,11 +249,13 @@ def capture_ssm(model: torch.nn.Module, layers=None):
     """
     mixers = find_ssm_mixers(model)
     if not mixers:
-        raise ValueError("capture_ssm: no MambaMixer or JambaMambaMixer found in the model")
+        raise ValueError("capture_ssm: no MambaMixer or JambaMambaMixer found in the model. "
+                         f"{TROUBLE} 'SSM capture'.")
     if layers is not None:
         missing = sorted(set(layers) - set(mixers))
         if missing:
-            raise ValueError(f"capture_ssm: layers {missing} are not Mamba layers; these are: {list(mixers)}")
+            raise ValueError(f"capture_ssm: layers {missing} are not Mamba layers; these are: "
+                             f"{list(mixers)}. {TROUBLE} 'SSM capture'.")
         mixers = {i: mixers[i] for i in layers}
     capture, pending, handles = SSMCapture(), {}, []
     try:
@@ -278,9 +283,6 @@ def capture_ssm(model: torch.nn.Module, layers=None):
 # name, and nothing is recomputed.
 
 __all__ += ["RoutingRecord", "RoutingTrace", "capture_routing", "find_moe_blocks"]
-
-TROUBLE = "See TROUBLESHOOTING.md, section"
-
 
 @dataclass
 class RoutingRecord:
@@ -324,7 +326,8 @@ class RoutingTrace(list):
             if r.layer == layer and r.call == call:
                 return r
         raise KeyError(f"no record for layer {layer}, call {call}; MoE layers: "
-                       f"{self.moe_layers}, calls recorded: {self.calls}")
+                       f"{self.moe_layers}, calls recorded: {self.calls}. "
+                       f"{TROUBLE} 'Routing capture'.")
 
     def tokens(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer over every call, real tokens only (padding dropped), in call order:
@@ -332,7 +335,7 @@ class RoutingTrace(list):
         records = [r for r in self if r.layer == layer]
         if not records:
             raise KeyError(f"layer {layer} is not an MoE layer recorded here; these are: "
-                           f"{self.moe_layers}")
+                           f"{self.moe_layers}. {TROUBLE} 'Routing capture'.")
         keep = [r.token_mask for r in records]
         return tuple(torch.cat([getattr(r, f)[m] for r, m in zip(records, keep, strict=True)])
                      for f in ("topk_index", "topk_weight", "logits"))

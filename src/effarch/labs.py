@@ -54,6 +54,7 @@ MY_LABS = "my-labs"
 MANIFEST = ".effarch-copies.json"
 SEE_CHANGES = "See TROUBLESHOOTING.md, section 'Your changes to a lab'."
 SEE_STARTING = "See TROUBLESHOOTING.md, section 'Starting JupyterLab'."
+SEE_BUILDING = "See TROUBLESHOOTING.md, section 'Building the labs'."
 
 
 class MarkerError(ValueError):
@@ -76,7 +77,7 @@ def course_root() -> Path:
 def lab_name(solution_name: str) -> str:
     """``lab-2.4.1-x-solution.ipynb`` → ``lab-2.4.1-x.ipynb``."""
     if not solution_name.endswith(SOLUTION_SUFFIX):
-        raise ValueError(f"{solution_name} does not end with {SOLUTION_SUFFIX}")
+        raise ValueError(f"{solution_name} does not end with {SOLUTION_SUFFIX}. {SEE_BUILDING}")
     return solution_name[: -len(SOLUTION_SUFFIX)] + ".ipynb"
 
 
@@ -93,22 +94,23 @@ def strip_solutions(source: str, where: str) -> str:
         if marker == BEGIN:
             if opened is not None:
                 raise MarkerError(f"{where} line {n}: nested {BEGIN!r} (the region opened at "
-                                  f"line {opened} is not closed)")
+                                  f"line {opened} is not closed). {SEE_BUILDING}")
             opened = n
             out.append(line[: len(line) - len(line.lstrip())] + STUB)
             stubs[len(out)] = n
         elif marker == END:
             if opened is None:
-                raise MarkerError(f"{where} line {n}: {END!r} without a {BEGIN!r} before it")
+                raise MarkerError(f"{where} line {n}: {END!r} without a {BEGIN!r} before it. "
+                                  f"{SEE_BUILDING}")
             opened = None
         elif MARKER_LIKE.search(line):
             raise MarkerError(f"{where} line {n}: {marker!r} looks like a solution marker; write "
-                              f"exactly {BEGIN!r} or {END!r} on a line of its own")
+                              f"exactly {BEGIN!r} or {END!r} on a line of its own. {SEE_BUILDING}")
         elif opened is None:
             out.append(line)
     if opened is not None:
         raise MarkerError(f"{where} line {opened}: {BEGIN!r} is never closed by {END!r} "
-                          "in the same cell")
+                          f"in the same cell. {SEE_BUILDING}")
     result = "\n".join(out)
     _require_inside_function(result, stubs, where)
     return result
@@ -131,7 +133,7 @@ def _require_inside_function(source: str, stubs: dict[int, int], where: str) -> 
     if outside:
         raise MarkerError(f"{where} line {stubs[outside[0]]}: the solution region is not inside "
                           "a function, so the unsolved lab would stop there; put the exercise in "
-                          "a function whose signature stays visible")
+                          f"a function whose signature stays visible. {SEE_BUILDING}")
 
 
 def build_lab(nb: NotebookNode, source_name: str) -> NotebookNode:
@@ -149,7 +151,8 @@ def build_lab(nb: NotebookNode, source_name: str) -> NotebookNode:
             for n, line in enumerate(cell.source.split("\n"), 1):
                 if MARKER_LIKE.search(line):
                     raise MarkerError(f"{where} line {n}: solution marker in a {cell.cell_type} "
-                                      "cell; only code cells may hold exercise regions")
+                                      f"cell; only code cells may hold exercise regions. "
+                                      f"{SEE_BUILDING}")
         for key in TRANSIENT_CELL_METADATA:
             cell.metadata.pop(key, None)
     lab.nbformat, lab.nbformat_minor = 4, max(5, lab.get("nbformat_minor", 5))
@@ -377,7 +380,8 @@ def _fresh(lab: str, work_dir: Path, stamp: str) -> str:
         name = f"{stem}.updated-{stamp}{'' if n == 1 else f'-{n}'}.ipynb"
         if not (work_dir / name).exists():
             return name
-    raise FileExistsError(f"{work_dir}: too many updated copies of {lab}; remove some")
+    raise FileExistsError(f"{work_dir}: too many updated copies of {lab}; remove some. "
+                          f"{SEE_CHANGES}")
 
 
 def _sha(data: bytes) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from effarch import compat
 
 GiB = 1024**3
+TROUBLE = "See TROUBLESHOOTING.md, section"
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
                 "float64": 8, "int8": 1, "uint8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
@@ -45,7 +46,8 @@ def dtype_bytes(dtype) -> float:
     """Bytes per element of a dtype given as a torch.dtype or a name (``"bfloat16"``)."""
     name = str(dtype).replace("torch.", "")
     if name not in _DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_BYTES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_BYTES)}. "
+                         f"{TROUBLE} 'Unknown names and values'.")
     return _DTYPE_BYTES[name]
 
 
@@ -484,7 +486,8 @@ def quantized_footprint(cfg, quantization: str, dtype="bfloat16", *,
     embeddings, routers and every module left alone stay in ``dtype`` (or float32 where
     transformers insists)."""
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}. "
+                         f"{TROUBLE} 'Unknown names and values'.")
     model = meta_model(cfg)
     skips = quantization_skips(model, skip_modules)
     seen: set[int] = set()

@@ -39,7 +39,8 @@ from effarch.registry import (  # noqa: F401  (re-exported: the labs' names for 
 def name_for(role: str, prof: profile.Profile | None = None) -> str:
     """Registry name of the model that plays ``role`` in the profile (``tiny-mamba``, ...)."""
     if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}. "
+                         f"{TROUBLE} 'Unknown names and values'.")
     prof = prof or profile.get_profile()
     return f"tiny-{role}" if prof.is_tiny else FULL_BY_ROLE[role]
 
@@ -85,7 +86,8 @@ def _resolve_dtype(dtype, device: str):
     if name not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one a model can be loaded in; use one of "
                          f"{', '.join(DTYPES)} (or the torch dtype, e.g. torch.bfloat16). For 8- or "
-                         f"4-bit weights pass quantization='8bit' or '4bit' instead.")
+                         f"4-bit weights pass quantization='8bit' or '4bit' instead. "
+                         f"{TROUBLE} 'Unknown names and values'.")
     return getattr(torch, name)
 
 
@@ -93,7 +95,8 @@ def _quantization_config(spec: ModelSpec, quantization: str | None, dtype):
     if quantization is None:
         return None
     if quantization not in ("8bit", "4bit"):
-        raise ValueError(f"quantization must be None, '8bit' or '4bit', not {quantization!r}")
+        raise ValueError(f"quantization must be None, '8bit' or '4bit', not {quantization!r}. "
+                         f"{TROUBLE} 'Unknown names and values'.")
     import torch
 
     try:
@@ -143,7 +146,8 @@ def load_model(name: str | ModelSpec, *, weights: str = "pretrained", dtype=None
     another folder than ``data/zoo`` (a freshly trained zoo).
     """
     if weights not in ("pretrained", "random"):
-        raise ValueError(f"weights must be 'pretrained' or 'random', not {weights!r}")
+        raise ValueError(f"weights must be 'pretrained' or 'random', not {weights!r}. "
+                         f"{TROUBLE} 'Unknown names and values'.")
     spec = as_spec(name)
     device = device or profile.default_device()
     torch_dtype = _resolve_dtype(dtype, device)
@@ -154,9 +158,10 @@ def load_model(name: str | ModelSpec, *, weights: str = "pretrained", dtype=None
         raise ValueError(
             "quantisation applies to pretrained hub weights; to size a quantised model use "
             f"effarch.memory.estimate_weights_bytes({spec.name!r}, "
-            f"quantization={quantization!r})")
+            f"quantization={quantization!r}). {TROUBLE} 'Quantisation'.")
     if overrides and weights != "random":
-        raise ValueError("overrides change the config of random weights only (weights='random')")
+        raise ValueError("overrides change the config of random weights only (weights='random'). "
+                         f"{TROUBLE} 'Random weights at the real size'.")
     if weights == "random" or spec.zoo:
         return _load_local(spec, weights=weights, dtype=torch_dtype, device=device, force=force,
                            overrides=overrides or {}, zoo_dir=zoo_dir)
@@ -248,7 +253,8 @@ def _load_local(spec: ModelSpec, *, weights: str, dtype, device: str, force: boo
     cfg = get_config(spec, zoo_dir=zoo_dir)
     for key, value in overrides.items():
         if not hasattr(cfg, key):
-            raise ValueError(f"{spec.name}'s config has no field {key!r}")
+            raise ValueError(f"{spec.name}'s config has no field {key!r}. "
+                             f"{TROUBLE} 'Random weights at the real size'.")
         setattr(cfg, key, value)
         notes.append(f"config changed: {key}={value!r} (not the published model)")
     _guard(spec, cfg, dtype=dtype, quantization=None, device=device, force=force, notes=notes)

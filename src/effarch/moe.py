@@ -153,7 +153,8 @@ def small_config(family: str, **overrides):
     weights: 4 layers, hidden 64, vocabulary 128, builds in well under a second. Tests and the
     labs' checks use them to try code on every family (shared experts, dense layers, ties)."""
     if family not in _SMALL_FAMILY:
-        raise ValueError(f"unknown MoE family {family!r}; choose from {', '.join(MOE_FAMILIES)}")
+        raise ValueError(f"unknown MoE family {family!r}; choose from {', '.join(MOE_FAMILIES)}. "
+                         f"{TROUBLE} 'Unknown names and values'.")
     from transformers import CONFIG_MAPPING
 
     return CONFIG_MAPPING[family](**{**_SMALL, **_SMALL_FAMILY[family], **overrides})
@@ -215,7 +216,8 @@ def dense_twin_config(cfg):
                               "granitemoe") or len(moe_layers(cfg)) != cfg.num_hidden_layers:
         raise ValueError(f"no dense twin for {cfg.model_type} with dense layers "
                          f"{config_summary(cfg)['dense layers']}: every layer must be MoE with "
-                         "standard attention (Mixtral, OLMoE, Qwen-MoE, PhiMoE, GraniteMoE)")
+                         "standard attention (Mixtral, OLMoE, Qwen-MoE, PhiMoE, GraniteMoE). "
+                         f"{TROUBLE} 'Parameter counts'.")
     width = _expert_width(cfg)
     shared = getattr(cfg, "shared_expert_intermediate_size", 0) if shared_experts(cfg) else 0
     return LlamaConfig(
@@ -610,7 +612,8 @@ def _layers(router_logits) -> tuple:
         return (router_logits,)
     layers = tuple(router_logits)
     if not layers:
-        raise ValueError("router_logits is empty: pass one (T, E) tensor per MoE layer")
+        raise ValueError("router_logits is empty: pass one (T, E) tensor per MoE layer. "
+                         f"{TROUBLE} 'Router exercises'.")
     return layers
 
 
@@ -665,7 +668,8 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: 
     """Assignments one expert takes: ceil(capacity_factor · T · k / E) (Switch Transformer §2.2;
     capacity factor 1 is exactly the even share)."""
     if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}. "
+                         f"{TROUBLE} 'Router exercises'.")
     return math.ceil(capacity_factor * tokens * top_k / num_experts - 1e-9)
 
 
@@ -779,7 +783,7 @@ def routed_top_k(model, k: int):
     blocks, saved = _blocks(model), []
     n = n_experts(model.config)
     if not 1 <= k <= n:
-        raise ValueError(f"k must be between 1 and E = {n}, got {k}")
+        raise ValueError(f"k must be between 1 and E = {n}, got {k}. {TROUBLE} 'Router exercises'.")
     for block, router, _ in blocks.values():
         holders = [m for m in (block, router) if isinstance(getattr(m, "top_k", None), int)]
         if not holders:

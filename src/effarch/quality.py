@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from effarch import bench
 from effarch.decoding import Decoder, TransformersDecoder, as_decoder, inference
 
+TROUBLE = "See TROUBLESHOOTING.md, section"
+
 
 @dataclass
 class Routes:
@@ -71,7 +73,7 @@ def scoring_windows(n: int, max_length: int, stride: int) -> list[tuple[int, int
     max_length`` (plain chunks) each chunk's first token is context only, never scored."""
     if not 0 < stride <= max_length:
         raise ValueError(f"need 0 < stride <= max_length, got stride={stride}, "
-                         f"max_length={max_length}")
+                         f"max_length={max_length}. {TROUBLE} 'Scoring text'.")
     out, prev_end = [], 0
     for begin in range(0, n, stride):
         end = min(begin + max_length, n)
@@ -88,7 +90,7 @@ def _routed_logits(decoder: Decoder, ids: torch.Tensor
     out = decoder.module(input_ids=ids, use_cache=False, output_router_logits=True)
     if not getattr(out, "router_logits", None):
         raise ValueError(f"{decoder.model_class} returned no router logits: capture_routes "
-                         "needs a mixture-of-experts model")
+                         f"needs a mixture-of-experts model. {TROUBLE} 'Scoring text'.")
     return out.logits, out.router_logits
 
 
@@ -141,15 +143,18 @@ def _collect_routes(windows: list, per_window: list[list[np.ndarray]]) -> Routes
 
 def _check_arguments(decoder: Decoder, input_ids, batch_size, capture_routes) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must be (1, N), got {tuple(input_ids.shape)}")
+        raise ValueError(f"input_ids must be (1, N), got {tuple(input_ids.shape)}. "
+                         f"{TROUBLE} 'Scoring text'.")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}. "
+                         f"{TROUBLE} 'Scoring text'.")
     if capture_routes and not isinstance(decoder, TransformersDecoder):
         raise ValueError(f"capture_routes needs a transformers MoE model; {decoder.model_class} "
-                         "has no routers")
+                         f"has no routers. {TROUBLE} 'Scoring text'.")
     if capture_routes and getattr(decoder.module.config, "num_experts_per_tok", None) is None:
         raise ValueError(f"capture_routes needs a mixture-of-experts model; "
-                         f"{decoder.model_class} has no num_experts_per_tok in its config")
+                         f"{decoder.model_class} has no num_experts_per_tok in its config. "
+                         f"{TROUBLE} 'Scoring text'.")
 
 
 def sliding_window_perplexity(model, input_ids: torch.Tensor, *, max_length: int, stride: int,
@@ -180,7 +185,8 @@ def sliding_window_perplexity(model, input_ids: torch.Tensor, *, max_length: int
             group_nll, group_count = _score_group(decoder, ids, group, device, per_window)
             nll_sum, scored = nll_sum + group_nll, scored + group_count
     if scored == 0:
-        raise ValueError("no token was scored: the text needs at least two tokens")
+        raise ValueError("no token was scored: the text needs at least two tokens. "
+                         f"{TROUBLE} 'Scoring text'.")
     nll = nll_sum / scored
     return PerplexityResult(
         nll_per_token=nll, perplexity=math.exp(nll), bits_per_token=nll / math.log(2),
@@ -193,7 +199,7 @@ def bits_per_byte(nll_nats_per_token: float, n_tokens: int, n_bytes: int) -> flo
     """Total NLL in bits over the text's UTF-8 bytes: nll · tokens / ln 2 / bytes — comparable
     across tokenizers (and with compressors: ``xz`` reaches about 1.7 on Python source)."""
     if n_bytes <= 0:
-        raise ValueError("n_bytes must be positive")
+        raise ValueError(f"n_bytes must be positive. {TROUBLE} 'Scoring text'.")
     return nll_nats_per_token * n_tokens / math.log(2) / n_bytes
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from effarch import paths
 
+TROUBLE = "See TROUBLESHOOTING.md, section"
+
 RUNS_FILE = "full_profile_runs.jsonl"
 LAB_PATTERN = re.compile(r"lab-(2\.4\.\d)-(.+?)(?:-solution)?\.ipynb$")
 
@@ -46,7 +48,8 @@ def lab_of(notebook: str | Path) -> str:
     """``"2.4.1"`` from ``lab-2.4.1-mamba-inference-solution.ipynb``."""
     found = LAB_PATTERN.search(Path(notebook).name)
     if not found:
-        raise ValueError(f"{notebook} is not named like a lab (lab-2.4.N-name[-solution].ipynb)")
+        raise ValueError(f"{notebook} is not named like a lab (lab-2.4.N-name[-solution].ipynb). "
+                         f"{TROUBLE} 'Full-profile runs'.")
     return found.group(1)
 
 

@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+TROUBLE = "See TROUBLESHOOTING.md, section"
+
 __all__ = [
     "associative_scan",
     "discretize",
@@ -60,9 +62,10 @@ def per_channel(X: torch.Tensor, d: int) -> torch.Tensor:
     if X.dim() == 4:  # (b, g, n, l): channel i uses group i // (d // g)
         g = X.shape[1]
         if d % g:
-            raise ValueError(f"groups g={g} must divide d={d}")
+            raise ValueError(f"groups g={g} must divide d={d}. {TROUBLE} 'Scan shapes'.")
         return X.transpose(2, 3).repeat_interleave(d // g, dim=1)  # (b, d, l, n)
-    raise ValueError(f"B and C must be (d, n), (b, n, l) or (b, g, n, l); got {tuple(X.shape)}")
+    raise ValueError(f"B and C must be (d, n), (b, n, l) or (b, g, n, l); got {tuple(X.shape)}. "
+                     f"{TROUBLE} 'Scan shapes'.")
 
 
 def prepare_delta(delta, delta_bias=None, delta_softplus=False):

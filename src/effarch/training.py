@@ -24,6 +24,8 @@ import torch
 
 from effarch import backends, data, moe, zoo
 
+TROUBLE = "See TROUBLESHOOTING.md, section"
+
 LOG_FIELDS = ("step", "tokens", "train_loss", "aux_loss", "val_loss", "lr", "elapsed_s")
 
 
@@ -111,7 +113,7 @@ class WindowSampler:
         self.per_epoch = (len(tokens) - seq_len) // seq_len
         if self.per_epoch < batch_size:
             raise ValueError(f"{len(tokens)} tokens are too few for batches of {batch_size} x "
-                             f"{seq_len}")
+                             f"{seq_len}. {TROUBLE} 'Training and evaluating the zoo'.")
         self._epoch, self._order = -1, None
 
     def _epoch_order(self, epoch: int) -> tuple[int, np.ndarray]:

@@ -20,6 +20,8 @@ import torch
 from effarch import data, memory, paths, quality
 from effarch.registry import ZOO_NAMES
 
+TROUBLE = "See TROUBLESHOOTING.md, section"
+
 CONFIG_NAME = "zoo_config.json"
 TRAIN_ORDER = ("tiny-transformer", "tiny-moe", "tiny-hybrid", "tiny-mamba")  # fastest first
 MOE_TYPES = ("mixtral", "jamba")
@@ -95,7 +97,8 @@ def model_names(only: str | None = None, *, order: tuple[str, ...] = TRAIN_ORDER
         n = n.strip()
         full = n if n.startswith("tiny-") else f"tiny-{n}"
         if full not in ZOO_NAMES:
-            raise ValueError(f"unknown model {n!r}; choose from {', '.join(ZOO_NAMES)}")
+            raise ValueError(f"unknown model {n!r}; choose from {', '.join(ZOO_NAMES)}. "
+                             f"{TROUBLE} 'Training and evaluating the zoo'.")
         wanted.add(full)
     return [n for n in order if n in wanted]
 
