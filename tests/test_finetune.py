@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import set_seed
 
-from effarch import checks, finetune, models, paths
+from effarch import backends, checks, finetune, models, paths
 
 ROOT = paths.repo_root()
 SCRIPT = ROOT / "scripts" / "finetune_mamba.py"
@@ -542,3 +542,18 @@ def test_lab_246_plots_draw_what_they_are_given():
     left, right = fig.axes
     assert len(left.lines) == 3 and right.get_ylabel().endswith("(KiB)")
     matplotlib.pyplot.close("all")
+
+
+def test_parallel_scan_only_for_float32_models(batch):
+    """transformers' mambapy branch fails in bf16 training (float32 states @ bf16 C): the switch
+    must leave a bf16 model on the path that trains, and still train."""
+    if not backends.mambapy_available():
+        pytest.skip("mambapy is not installed")
+    model = models.load_model("tiny-mamba", dtype=torch.bfloat16, device="cpu").model
+    finetune.use_parallel_scan(model)
+    assert not any(m.use_mambapy for m in backends.mamba_mixers(model))
+    model.train()
+    model(**batch).loss.backward()  # would raise on the mambapy branch
+    f32 = fresh_model().to("cpu")
+    finetune.use_parallel_scan(f32)
+    assert all(m.use_mambapy for m in backends.mamba_mixers(f32))

@@ -300,8 +300,11 @@ def use_parallel_scan(model) -> str:
     """Train through mambapy's parallel scan where mambapy is installed (transformers'
     ``use_mambapy``; much faster than the sequential loop for a training step on a CPU); returns
     the Mamba path that now runs (``backends.mamba_path``). Nothing changes where mambapy is
-    missing."""
-    if backends.mambapy_available():
+    missing, or where the model is not in float32: transformers' mambapy branch multiplies its
+    float32 states by C in the model's dtype without a cast, so a bf16 or fp16 model would fail
+    in training ("expected scalar type Float but found BFloat16", seen on transformers 5.17 and
+    in 5.24's source)."""
+    if backends.mambapy_available() and next(model.parameters()).dtype == torch.float32:
         inner = getattr(model, "get_base_model", lambda: model)()
         inner.config.use_mambapy = True
         for mixer in backends.mamba_mixers(inner):

@@ -366,7 +366,8 @@ def train(model, spec: RecallModelSpec, cfg: TrainConfig, *,
             result.log.append(row)
             if log is not None:
                 log(row)
-            if cfg.max_seconds is not None and row["seconds"] > cfg.max_seconds:
+            if (cfg.max_seconds is not None and row["seconds"] > cfg.max_seconds
+                    and step + 1 < cfg.steps):  # the last step is no early stop
                 result.stopped_early = f"time cap of {cfg.max_seconds:.0f} s at step {step + 1}"
                 break
     result.wall_s = time.perf_counter() - start
