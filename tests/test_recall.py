@@ -158,3 +158,21 @@ def test_the_shipped_recall_models():
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 2 * 2**20
     for _, model, entry in recall.load_shipped(folder):
         assert recall.parameter_count(model) == entry["parameters"]
+
+
+def test_training_accuracy_compares_at_the_last_common_step(tmp_path):
+    logs = {"a": [2, 4, 6], "b": [2, 4]}  # b stopped early (a time cap)
+    entries = []
+    for name, steps in logs.items():
+        (tmp_path / name).mkdir()
+        log = [{"step": s, "loss": 1.0, "seconds": s, "acc@2": s / 10 + (name == "b")}
+               for s in steps]
+        (tmp_path / name / "train_log.json").write_text(json.dumps({"log": log}))
+        entries.append({"name": name, "folder": name})
+    recall.write_manifest(tmp_path, entries, {})
+    table = recall.training_accuracy(tmp_path)
+    assert table.model.tolist() == ["a", "b"] and set(table.step) == {4}
+    assert table["acc@2"].tolist() == [0.4, 1.4]  # each model's own row at step 4, not its last
+    assert recall.training_accuracy(tmp_path, step=2)["acc@2"].tolist() == [0.2, 1.2]
+    with pytest.raises(recall.RecallError, match="common steps: \\[2, 4\\]"):
+        recall.training_accuracy(tmp_path, step=6)

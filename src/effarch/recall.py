@@ -426,6 +426,32 @@ def read_manifest(folder: Path | None = None) -> dict:
             "'Missing data files'.") from None
 
 
+def training_accuracy(folder: Path | None = None, *, step: int | None = None):
+    """Held-out accuracy from the shipped models' training logs (``train_log.json``) at one step
+    for all: ``step``, or by default the last step every model reached (a model stopped early by
+    a time cap reached fewer). A DataFrame, one row per model in manifest order: ``model``,
+    ``step`` and one ``acc@<pairs>`` column per number of pairs evaluated during training."""
+    import pandas as pd
+
+    folder = Path(folder or recall_dir())
+    logs = {e["name"]: json.loads((folder / e["folder"] / "train_log.json").read_text())["log"]
+            for e in read_manifest(folder)["models"]}
+    reached = {name: {r["step"] for r in log} for name, log in logs.items()}
+    common = set.intersection(*reached.values()) if reached else set()
+    if step is None:
+        if not common:
+            raise RecallError("the training logs share no evaluated step; pass step=. See "
+                              "TROUBLESHOOTING.md, section 'Missing data files'.")
+        step = max(common)
+    elif step not in common:
+        raise RecallError(f"not every model was evaluated at step {step}; common steps: "
+                          f"{sorted(common)}. See TROUBLESHOOTING.md, section 'Missing data files'.")
+    rows = [{"model": name, "step": step,
+             **{k: v for r in log if r["step"] == step for k, v in r.items()
+                if k.startswith("acc@")}} for name, log in logs.items()]
+    return pd.DataFrame(rows)
+
+
 def load_shipped(folder: Path | None = None, *, device="cpu") -> list[tuple[RecallModelSpec,
                                                                           object, dict]]:
     """The recall models of ``folder`` (default ``data/recall``) in float32, in manifest order:
