@@ -59,11 +59,7 @@ KNOWN: dict[str, tuple[str, str]] = {}
 
 
 # lab file → why its case is skipped for now (an open issue's lab, not this test's subject)
-SKIP = {
-    "lab-2.4.4-moe-router.ipynb": (
-        "after Run All, one of lab 2.4.4's controls did not change its output within 600 s in "
-        "two CI runs (fresh clone, 2 cores): to be found and fixed with the lab's issue (13)"),
-}
+SKIP: dict[str, str] = {}
 
 
 def _param(path: Path):
@@ -278,9 +274,13 @@ def _move(page, control) -> str:
     if "widget-dropdown" in classes:
         select = control.locator("select")
         options = select.locator("option").all_text_contents()
-        choice = 1 if len(options) > 1 else 0
+        before = select.evaluate("s => s.selectedIndex")
+        choice = _other_option(before, len(options), label)
         select.select_option(index=choice)
-        return f"dropdown {label!r} → {options[choice]!r}"
+        after = select.evaluate("s => s.selectedIndex")
+        assert after == choice, f"dropdown {label!r}: option {choice} chosen, {after} selected"
+        was = repr(options[before]) if before >= 0 else "nothing"
+        return f"dropdown {label!r} {was} → {options[choice]!r}"
     if "widget-text" in classes:  # a text box: change its last digit (a date, a number)
         box = control.locator("input").first
         before = box.input_value()
@@ -295,6 +295,14 @@ def _move(page, control) -> str:
     raise AssertionError(f"the test cannot move a control of class {classes!r}: teach _move")
 
 
+def _other_option(selected: int, count: int, label: str) -> int:
+    """The option after the selected one (the first after the last): a dropdown starts at its
+    function's default, which may be any option, and choosing the selected one again changes
+    nothing, so nothing reruns (lab 2.4.4's ``aux_coef`` starts at 0.01, its second option)."""
+    assert count > 1, f"dropdown {label!r} has {count} option(s): no move changes it"
+    return (max(selected, -1) + 1) % count
+
+
 def _controls(panel) -> list:
     """The controls of one ``interactive`` panel (its children but the button and the output)."""
     children = panel.locator(":scope > .jupyter-widgets")
@@ -303,6 +311,13 @@ def _controls(panel) -> list:
 
 
 def _move_every_control(page) -> list[str]:
+    """Move each control once; wait for its output to change and for the rerun to end.
+
+    The rerun's end is read from the panel's hidden Run button, not from the kernel's status:
+    ``explore``'s panels are ``interactive(manual=True)``, whose ``update`` disables that button
+    while the function runs; the kernel (ipykernel 7.4) reports idle during a widget's rerun, in
+    the status bar and to the server alike, so waiting for idle let the next move (and the final
+    check for tracebacks) start while a rerun was still running."""
     moved = []
     panels = page.locator(".widget-interact")
     for i in range(panels.count()):
@@ -310,12 +325,17 @@ def _move_every_control(page) -> list[str]:
         controls = _controls(panel)
         assert controls, f"interactive panel {i} has no control"
         output = panel.locator(":scope > .widget-output").first
+        button = panel.locator(":scope > .widget-button")
+        assert button.count() == 1, f"interactive panel {i}: no Run button (not explore's?)"
         for control in controls:
             control.scroll_into_view_if_needed()
             output.evaluate(WATCH)
             moved.append(_move(page, control))
+            started = time.monotonic()
             page.wait_for_function("() => window.__changed", timeout=CONTROL_TIMEOUT_S * 1000)
-            page.wait_for_function(KERNEL_IDLE, timeout=CONTROL_TIMEOUT_S * 1000)
+            page.wait_for_function("b => !b.disabled", arg=button.element_handle(),
+                                   timeout=CONTROL_TIMEOUT_S * 1000)
+            moved[-1] += f" ({time.monotonic() - started:.0f} s)"
     return moved
 
 
@@ -337,6 +357,13 @@ def _shut_down(url: str, token: str, name: str) -> None:
 
 def test_every_lab_is_tested():
     assert LABS, "no labs/*.ipynb: nothing for the browser to open"
+
+
+def test_a_dropdown_is_moved_off_its_selected_option():
+    assert [_other_option(i, 3, "x") for i in (0, 1, 2)] == [1, 2, 0]
+    assert _other_option(-1, 3, "x") == 0  # nothing selected
+    with pytest.raises(AssertionError, match="1 option"):
+        _other_option(0, 1, "x")
 
 
 @pytest.mark.parametrize("lab", [_param(p) for p in LABS])
