@@ -56,6 +56,8 @@ def probe_table() -> str:
             "| load | GPU memory allocated | peak during the load | effarch's estimate | "
             "measured ÷ estimate | forward pass | its peak above the weights |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
+    if probe.get("note"):  # how the run went, written into the kept file by whoever kept it
+        rows[0] += f" {probe['note']}"
     for r in probe["rows"]:
         fwd = (f"{r['forward_ms']:.0f} ms ({r['tokens']} tokens)" if "forward_ms" in r
                else r.get("forward_error", "—"))

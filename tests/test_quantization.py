@@ -126,7 +126,8 @@ def test_probe_script_smoke_on_the_cpu(tmp_path):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, str(root / "scripts" / "probe_quantization.py"),
                           "--device", "cpu", "--small", "--modes", "bf16,4bit,fp8",
                           "--out", str(tmp_path), "--json", str(tmp_path / "probe.json")],

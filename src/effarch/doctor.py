@@ -61,6 +61,7 @@ def _mamba_lines() -> list[str]:
     import torch
 
     from effarch import backends, models
+    from effarch.profile import get_profile
 
     def version(package: str) -> str:
         found = backends.package_version(package)
@@ -68,7 +69,8 @@ def _mamba_lines() -> list[str]:
 
     name = models.name_for("mamba")
     path, why = backends.transformers_mamba_path(models.get_config(name))
-    fast = backends.fast_path_description(cuda=torch.cuda.is_available()).removeprefix("yes: ")
+    on_gpu = torch.cuda.is_available() and get_profile().device.startswith("cuda")  # the profile's
+    fast = backends.fast_path_description(cuda=on_gpu).removeprefix("yes: ")  # device, not the machine's
     return [f"mamba packages: mamba-ssm {version('mamba_ssm')}, causal-conv1d "
             f"{version('causal_conv1d')}, mambapy {version('mambapy')}",
             f"mamba paths for this profile's Mamba ({name}), whole prompts:",
