@@ -694,7 +694,7 @@ def choose_for_recall(recall) -> Answer:
         noise = 2 * math.hypot(_accuracy_noise(best), _accuracy_noise(second))
         if best["accuracy"] - second["accuracy"] <= noise and second["arch"] != best["arch"]:
             answer = f"no clear winner ({best['arch']} and {second['arch']} within the noise)"
-    scores = "; ".join(f"{r.model} {r.accuracy:.0%}" for r in at.itertuples())
+    scores = "; ".join(f"{r.model} {r.accuracy:.1%}" for r in at.itertuples())
     mamba = at[at["arch"] == "mamba"].sort_values("d_state")
     good = mamba[mamba["accuracy"] >= 0.9]
     state = ("" if mamba.empty else
