@@ -68,6 +68,11 @@ def test_dispatch(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert fast.choose_backend(u) == "chunked"  # a CPU tensor, no interpreter
     assert fast.choose_backend(u, needs_grad=True) == "chunked"
+    if fast.triton_available():  # asked for by name where it cannot run: a clear error
+        w = torch.zeros(1, 2, 3, requires_grad=True)
+        with pytest.raises(ValueError, match="runs on CUDA tensors"):
+            fast.selective_scan(w, u, torch.zeros(2, 4), torch.zeros(1, 4, 3),
+                                torch.zeros(1, 4, 3), backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(fast, "triton_available", lambda: True)
     # gradients too: the Triton backward (tests/test_fast_backward.py)

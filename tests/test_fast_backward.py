@@ -39,11 +39,14 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 def _inputs(b=2, d=3, length=37, n=3, *, seed=0, device="cpu", delta_scale=1.0, a_scale=1.0):
+    """u, B, C and z are transposed views of (b, l, ·) tensors, as a mixer passes them."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    t = dict(u=r(b, d, length), delta=(torch.rand(b, d, length, generator=g) - 0.3) * delta_scale,
-             A=-torch.exp(r(d, n) * 0.5) * a_scale, B=r(b, n, length), C=r(b, n, length),
-             D=r(d), z=r(b, d, length), delta_bias=r(d) * 0.1)
+    t = dict(u=r(b, length, d).transpose(1, 2),
+             delta=(torch.rand(b, d, length, generator=g) - 0.3) * delta_scale,
+             A=-torch.exp(r(d, n) * 0.5) * a_scale, B=r(b, length, n).transpose(1, 2),
+             C=r(b, length, n).transpose(1, 2), D=r(d), z=r(b, length, d).transpose(1, 2),
+             delta_bias=r(d) * 0.1)
     return {k: v.to(device) for k, v in t.items()}
 
 

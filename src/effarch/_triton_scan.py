@@ -4,6 +4,10 @@ One program per (batch row, block of BLOCK_D channels). It walks the sequence in
 BLOCK_L steps; inside a tile, the recurrence h_t = Ā_t h_{t-1} + B̄_t u_t is an associative scan
 over (Ā, B̄u) pairs; the tile's first state comes from the previous tile. Ā, B̄u and the states
 live only in registers: (b, d, l, n) is never written to memory.
+
+The backward (``selective_scan_bwd_kernel``) takes the same programs and tiles: a forward pass
+keeps only each tile's first state, then the tiles are visited last to first, each one's states
+rebuilt from its first state and the adjoint scanned backward with the same operator.
 """
 
 import os

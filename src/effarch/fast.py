@@ -161,6 +161,9 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if not triton_available():
         raise RuntimeError("Triton is not installed; use backend='chunked'. "
                            "See TROUBLESHOOTING.md, section 'Mamba is slow'.")
+    if not _triton_runs(u.device):
+        raise ValueError(f"the Triton scan runs on CUDA tensors (or anywhere under "
+                         f"TRITON_INTERPRET=1), not on {u.device.type}: use backend='chunked'")
     b, d, length = u.shape
     n = A.shape[-1]
     chunk = chunk or max(length, 1)
