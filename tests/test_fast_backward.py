@@ -1,8 +1,8 @@
 """effarch.fast's Triton backward against autograd through the reference scan, and the training
 opt-in ``use_fast_scan`` against transformers' own MambaMixer.
 
-The kernel tests (``test_kernel_*``) need Triton's interpreter (TRITON_INTERPRET=1, CPU) or a GPU.
-In a run without it, ``test_file_in_interpreter_mode`` runs this whole file again in a subprocess
+The kernel tests (``test_kernel_*``) run in Triton's interpreter (TRITON_INTERPRET=1, CPU); the
+GPU has its own tests at the end. In a run without the interpreter, ``test_file_in_interpreter_mode`` runs this whole file again in a subprocess
 with TRITON_INTERPRET=1, where ``use_fast_scan``'s tests go through the Triton kernels too.
 Sizes are small (the interpreter runs a scan element by element) and chosen to cover the edges:
 d=3 is two blocks of the interpreter's 2 channels (the second half empty), l=37 is three tiles of
@@ -102,8 +102,9 @@ def test_kernel_gradients_match_autograd_through_the_reference(name):
 @kernel
 @pytest.mark.parametrize("reverse", [True, False])
 def test_kernel_every_input_both_reverse_scans(reverse):
-    """All of D, z, delta_bias and softplus, some Δ past softplus's threshold of 20 (its
-    gradient is then 1), through both ways the kernel scans backward."""
+    """All of D, z, delta_bias and softplus, through both ways the kernel scans backward. Some
+    Δ are past softplus's threshold of 20, where the forward switches to the identity (the
+    gradient, 1 there, equals sigmoid's to float32 precision: that branch is not told apart)."""
     t = _inputs()
     t["delta"][:, :2, 5:9] += 25.0
     w_out, w_last = _weights(t)

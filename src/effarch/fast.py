@@ -237,10 +237,16 @@ def selective_scan_triton_backward(u, delta, A, B, C, D, z, delta_bias, delta_so
 
     ``dout`` (b, d, l) is the output's gradient (None: zero), ``dlast`` (b, d, n) the last
     state's (None: zero). Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its
-    input's dtype, None where the input is None. Memory: the backward recomputes the states
-    rather than saving them (the forward keeps only its inputs); its scratch is the state at
-    each tile's start, (b, ⌈l / 16⌉, d, n) float32, freed on return. ``reverse`` picks how the
-    kernel scans backward (None: ``reverse_scan_works`` decides; both give the same numbers).
+    input's dtype, None where the input is None.
+
+    Saved against recomputed: the forward keeps only its inputs (what autograd would keep for
+    the projections anyway); the backward rebuilds the states, at the price of scanning each
+    tile twice forward (pass 1 for the tile's first state, pass 2 for its states) and once
+    backward, against the forward's once. Its scratch is the state at each tile's start,
+    (b, ⌈l / 16⌉, d, n) float32, freed on return. dB and dC are summed over channel blocks with
+    float32 atomics, so on a GPU their last bits depend on the order the blocks finish.
+    ``reverse`` picks how the kernel scans backward (None: ``reverse_scan_works`` decides; both
+    give the same numbers).
     """
     from effarch import _triton_scan as tk
 
