@@ -15,7 +15,7 @@ from the foundations at the top of this table to the labs' helpers at its bottom
 | ``backends`` | which Mamba path runs (mamba-ssm kernels, mambapy, the sequential fallback) |
 | ``ssm`` | the reference selective scan (mamba-ssm's signature), discretisation, sequential and parallel scans |
 | ``mixer`` | a Mamba mixer's prefill, written once, with any scan |
-| ``fast`` | the portable fast path: Triton and chunked scans, ``MambaFastGenerator`` (kernels in ``_triton_scan``) |
+| ``fast`` | the portable fast path: Triton scans (forward and backward) and the chunked scan, ``MambaFastGenerator``, ``use_fast_scan`` for training (kernels in ``_triton_scan``) |
 | ``decoding`` | one ``Decoder`` interface for a transformers model and the fast generator; greedy decoding |
 | ``bench`` | the measurement protocol: timing, device memory, prefill apart from decode, context sweeps |
 | ``quality`` | the one sliding-window scorer, bits per byte |

@@ -4,6 +4,10 @@ One program per (batch row, block of BLOCK_D channels). It walks the sequence in
 BLOCK_L steps; inside a tile, the recurrence h_t = Ā_t h_{t-1} + B̄_t u_t is an associative scan
 over (Ā, B̄u) pairs; the tile's first state comes from the previous tile. Ā, B̄u and the states
 live only in registers: (b, d, l, n) is never written to memory.
+
+The backward (``selective_scan_bwd_kernel``) takes the same programs and tiles: a forward pass
+keeps only each tile's first state, then the tiles are visited last to first, each one's states
+rebuilt from its first state and the adjoint scanned backward with the same operator.
 """
 
 import os
@@ -169,6 +173,209 @@ def selective_scan_kernel(
                 h,
                 mask=m_dn,
             )
+
+
+# --- backward: a reverse scan over the same tiles -------------------------------------------
+
+# Tile shapes for the backward. Its tiles hold more live (BD, BN, BL) tensors than the forward's
+# (states, adjoints, their scans), so smaller tiles are offered too. The smallest BLOCK_L sizes
+# the scratch of tile-start states (``BWD_MIN_BLOCK_L``).
+_BWD_CONFIGS = [triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=w)
+                for bd, bl, w in [(2, 32, 2), (4, 16, 2), (4, 32, 4), (8, 16, 4), (8, 32, 4),
+                                  (4, 64, 4), (16, 16, 4), (8, 32, 8)]]
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    # small tiles: several per test sequence, and the interpreter scans element by element
+    _BWD_CONFIGS = [triton.Config({"BLOCK_D": 2, "BLOCK_L": 16}, num_warps=4)]
+BWD_CONFIGS = [(c.kwargs["BLOCK_D"], c.kwargs["BLOCK_L"], c.num_warps) for c in _BWD_CONFIGS]
+BWD_MIN_BLOCK_L = min(bl for _, bl, _ in BWD_CONFIGS)
+
+
+@triton.jit
+def _load_dt(dt_ptr, row, offs_d, offs_l, mask, s_td, s_tl, bias,
+             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(raw, Δ): raw = delta + bias; Δ = softplus(raw) as the forward computes it, 0 off mask."""
+    raw = tl.load(dt_ptr + row + offs_d[:, None] * s_td + offs_l[None, :] * s_tl, mask=mask,
+                  other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    dt = raw
+    if SOFTPLUS:
+        dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
+    return raw, tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _load_dy(g_ptr, z_ptr, offs_d, offs_l, mask, g_row, s_gd, s_gl, z_row, s_zd, s_zl,
+             HAS_Z: tl.constexpr):
+    """(dout, z, dy): the output's gradient, the gate, and the gradient of y + D·u (BD, BL)."""
+    g = tl.load(g_ptr + g_row + offs_d[:, None] * s_gd + offs_l[None, :] * s_gl, mask=mask,
+                other=0.0).to(tl.float32)
+    zz = g
+    dy = g
+    if HAS_Z:
+        zz = tl.load(z_ptr + z_row + offs_d[:, None] * s_zd + offs_l[None, :] * s_zl, mask=mask,
+                     other=0.0).to(tl.float32)
+        dy = g * zz * tl.sigmoid(zz)
+    return g, zz, dy
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["Dm", "N", "REVERSE"],
+                 reset_to_zero=["dB_ptr", "dC_ptr"])
+@triton.jit
+def selective_scan_bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, g_ptr, glast_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, hstart_ptr,
+    L, Dm, N, NT,
+    s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+    s_zb, s_zd, s_zl, s_gb, s_gd, s_gl, s_xb, s_xd, s_xl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_GLAST: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Gradients of ``selective_scan_kernel`` for one (batch row, block of channels).
+
+    Pass 1 walks the sequence forward and stores the state at each tile's start (hstart,
+    (b, NT, d, n) float32). Pass 2 walks the tiles backward: it rebuilds the tile's states from
+    hstart with the forward scan, and scans the adjoint λ_t = ∂loss/∂h_t backward,
+    λ_t = C_t·dy_t + Ā_{t+1} λ_{t+1} (λ after the last step: the last state's gradient), with
+    the same operator over the pairs (Ā_{t+1}, C_t·dy_t). Gradients, with hA_t = h_t - B̄u_t
+    (= Ā_t h_{t-1}, no division):
+        ∂B̄u_t = λ_t,  ∂Δ_t = u_t Σ_n λ_t B_t + Σ_n λ_t A hA_t,  ∂A = Σ_t λ_t Δ_t hA_t,
+        ∂u_t = D dy_t + Δ_t Σ_n λ_t B_t,  ∂B_t = Σ_d λ_t Δ_t u_t,  ∂C_t = Σ_d dy_t h_t.
+    du, ddt, dz (b, d, l) are written; dB, dC (b, n, l) float32 are summed over channel blocks
+    with atomics; dA (b, d, n), dD and dbias (b, d) are this row's partial sums.
+
+    REVERSE: the backward scan is ``tl.associative_scan(reverse=True)``; otherwise the tile is
+    read in reversed order, scanned forward and flipped back (``tl.flip``).
+    """
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,)
+    offs_n = tl.arange(0, BLOCK_N)  # (BN,)
+    ar = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    m_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=m_dn,
+                other=0.0).to(tl.float32)  # (BD, BN)
+    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    u_row, t_row, z_row, g_row = pid_b * s_ub, pid_b * s_tb, pid_b * s_zb, pid_b * s_gb
+    n_tiles = tl.cdiv(L, BLOCK_L)
+    dn_off = offs_d[:, None] * N + offs_n[None, :]  # (BD, BN) in a (d, n) plane
+
+    # pass 1: the state at every tile's start
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    for t in range(0, n_tiles):
+        tl.store(hstart_ptr + (pid_b * NT + t) * Dm * N + dn_off, h, mask=m_dn)
+        offs_l = t * BLOCK_L + ar
+        m_dl = mask_d[:, None] & (offs_l < L)[None, :]
+        m_nl = mask_n[:, None] & (offs_l < L)[None, :]
+        u = tl.load(u_ptr + u_row + offs_d[:, None] * s_ud + offs_l[None, :] * s_ul, mask=m_dl,
+                    other=0.0).to(tl.float32)
+        _, dt = _load_dt(dt_ptr, t_row, offs_d, offs_l, m_dl, s_td, s_tl, bias, HAS_BIAS,
+                         SOFTPLUS)
+        Bt = tl.load(B_ptr + pid_b * s_Bb + offs_n[:, None] * s_Bn + offs_l[None, :] * s_Bl,
+                     mask=m_nl, other=0.0).to(tl.float32)
+        cA, cB = tl.associative_scan((tl.exp(dt[:, None, :] * A[:, :, None]),
+                                      (dt * u)[:, None, :] * Bt[None, :, :]), 2, combine)
+        h = tl.sum(tl.where((ar == BLOCK_L - 1)[None, None, :], cA * h[:, :, None] + cB, 0.0),
+                   axis=2)
+    tl.debug_barrier()  # pass 2 reads what other threads of this program stored
+
+    # pass 2: tiles in reverse order; lam carries λ at the first step of the tile after
+    lam_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_GLAST:
+        lam_next = tl.load(glast_ptr + pid_b * Dm * N + dn_off, mask=m_dn, other=0.0)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i in range(0, n_tiles):
+        t = n_tiles - 1 - i
+        offs_l = t * BLOCK_L + ar
+        mask_l = offs_l < L
+        m_dl = mask_d[:, None] & mask_l[None, :]
+        m_nl = mask_n[:, None] & mask_l[None, :]
+        u = tl.load(u_ptr + u_row + offs_d[:, None] * s_ud + offs_l[None, :] * s_ul, mask=m_dl,
+                    other=0.0).to(tl.float32)  # (BD, BL)
+        raw, dt = _load_dt(dt_ptr, t_row, offs_d, offs_l, m_dl, s_td, s_tl, bias, HAS_BIAS,
+                           SOFTPLUS)
+        Bt = tl.load(B_ptr + pid_b * s_Bb + offs_n[:, None] * s_Bn + offs_l[None, :] * s_Bl,
+                     mask=m_nl, other=0.0).to(tl.float32)  # (BN, BL)
+        Ct = tl.load(C_ptr + pid_b * s_Cb + offs_n[:, None] * s_Cn + offs_l[None, :] * s_Cl,
+                     mask=m_nl, other=0.0).to(tl.float32)
+        g, zz, dy = _load_dy(g_ptr, z_ptr, offs_d, offs_l, m_dl, g_row, s_gd, s_gl, z_row,
+                             s_zd, s_zl, HAS_Z)
+        # the tile's states, rebuilt from its first state
+        h0 = tl.load(hstart_ptr + (pid_b * NT + t) * Dm * N + dn_off, mask=m_dn, other=0.0)
+        dBu = (dt * u)[:, None, :] * Bt[None, :, :]  # (BD, BN, BL)
+        cA, cB = tl.associative_scan((tl.exp(dt[:, None, :] * A[:, :, None]), dBu), 2, combine)
+        hs = cA * h0[:, :, None] + cB  # h_t
+        x_off = pid_b * s_xb + offs_d[:, None] * s_xd + offs_l[None, :] * s_xl
+        if HAS_Z:  # out = (y + D·u)·silu(z): ∂z needs y, rebuilt here
+            y = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
+            sz = tl.sigmoid(zz)
+            tl.store(dz_ptr + x_off, (g * y * sz * (1.0 + zz * (1.0 - sz))).to(
+                dz_ptr.dtype.element_ty), mask=m_dl)
+        if HAS_D:
+            dD_acc += tl.sum(dy * u, axis=1)
+        tl.atomic_add(dC_ptr + pid_b * N * L + offs_n[:, None] * L + offs_l[None, :],
+                      tl.sum(dy[:, None, :] * hs, axis=0), mask=m_nl)
+        # the adjoint λ_t over this tile
+        if REVERSE:
+            nxt = offs_l + 1
+            _, dtn = _load_dt(dt_ptr, t_row, offs_d, nxt, mask_d[:, None] & (nxt < L)[None, :],
+                              s_td, s_tl, bias, HAS_BIAS, SOFTPLUS)
+            rA, rB = tl.associative_scan((tl.exp(dtn[:, None, :] * A[:, :, None]),
+                                          dy[:, None, :] * Ct[None, :, :]), 2, combine,
+                                         reverse=True)
+            lam = rA * lam_next[:, :, None] + rB
+        else:  # the same pairs read last step first, scanned forward, flipped back
+            offs_r = t * BLOCK_L + BLOCK_L - 1 - ar
+            m_rl = mask_d[:, None] & (offs_r < L)[None, :]
+            nxt = offs_r + 1
+            _, dtn = _load_dt(dt_ptr, t_row, offs_d, nxt, mask_d[:, None] & (nxt < L)[None, :],
+                              s_td, s_tl, bias, HAS_BIAS, SOFTPLUS)
+            _, _, dy_r = _load_dy(g_ptr, z_ptr, offs_d, offs_r, m_rl, g_row, s_gd, s_gl, z_row,
+                                  s_zd, s_zl, HAS_Z)
+            C_r = tl.load(C_ptr + pid_b * s_Cb + offs_n[:, None] * s_Cn + offs_r[None, :] * s_Cl,
+                          mask=mask_n[:, None] & (offs_r < L)[None, :], other=0.0).to(tl.float32)
+            rA, rB = tl.associative_scan((tl.exp(dtn[:, None, :] * A[:, :, None]),
+                                          dy_r[:, None, :] * C_r[None, :, :]), 2, combine)
+            lam = tl.flip(rA * lam_next[:, :, None] + rB, 2)
+        lam_next = tl.sum(tl.where((ar == 0)[None, None, :], lam, 0.0), axis=2)
+        hA = hs - dBu  # Ā_t h_{t-1}
+        lamB = tl.sum(lam * Bt[None, :, :], axis=1)  # (BD, BL)
+        ddt = u * lamB + tl.sum(lam * A[:, :, None] * hA, axis=1)
+        if SOFTPLUS:
+            ddt = ddt * tl.where(raw <= 20.0, tl.sigmoid(raw), 1.0)
+        ddt = tl.where(m_dl, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=1)
+        dA_acc += tl.sum(lam * hA * dt[:, None, :], axis=2)
+        tl.atomic_add(dB_ptr + pid_b * N * L + offs_n[:, None] * L + offs_l[None, :],
+                      tl.sum(lam * (dt * u)[:, None, :], axis=0), mask=m_nl)
+        tl.store(du_ptr + x_off, (Dv[:, None] * dy + dt * lamB).to(du_ptr.dtype.element_ty),
+                 mask=m_dl)
+        tl.store(ddt_ptr + x_off, ddt.to(ddt_ptr.dtype.element_ty), mask=m_dl)
+    tl.store(dA_ptr + pid_b * Dm * N + dn_off, dA_acc, mask=m_dn)
+    tl.store(dD_ptr + pid_b * Dm + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + pid_b * Dm + offs_d, dbias_acc, mask=mask_d)
+
+
+@triton.jit
+def reverse_scan_probe_kernel(a_ptr, c_ptr, out_ptr, BLOCK_D: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """X_t = c_t + a_t·X_{t+1} over axis 2 of a (BD, BN, BL) tile with ``reverse=True``, in
+    the backward's layout: whether this Triton's reverse scan composes as the backward needs."""
+    off = (tl.arange(0, BLOCK_D)[:, None, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]
+           ) * BLOCK_L + tl.arange(0, BLOCK_L)[None, None, :]
+    _, x = tl.associative_scan((tl.load(a_ptr + off), tl.load(c_ptr + off)), 2, combine,
+                               reverse=True)
+    tl.store(out_ptr + off, x)
 
 
 # --- decode: one token per row, three fused kernels per layer (the GEMVs stay in cuBLAS) -----

@@ -8,7 +8,8 @@ tensors. This module gives the same function, ``selective_scan`` (mamba-ssm's si
 - ``triton``: a Triton kernel, one program per (batch, block of channels), walking the sequence
   in tiles and scanning each tile with the associative operator (a1, b1)∘(a2, b2) =
   (a1·a2, a2·b1 + b2) (Blelloch 1990; the Mamba paper §3.3 uses the same operator). Nothing of
-  size (b, d, l, n) ever reaches memory. Forward only: with gradients it falls back.
+  size (b, d, l, n) ever reaches memory. With gradients, a Triton backward walks the same tiles
+  in reverse (``selective_scan_triton_backward``).
 - ``chunked``: PyTorch, any device: Ā and B̄u are computed for a tile of time steps at once,
   then one fused multiply-add per step, and the readout y = C·h one tile at a time. Gradients
   flow through it.
@@ -17,15 +18,23 @@ tensors. This module gives the same function, ``selective_scan`` (mamba-ssm's si
 ``MambaFastGenerator`` runs an unmodified transformers ``MambaForCausalLM`` with its own weights:
 prefill with ``selective_scan``, then decoding one token at a time on static state tensors,
 captured in a CUDA graph on GPUs. It reads the weights only; it patches nothing in transformers.
+
+``use_fast_scan(model)`` is the training opt-in: inside the ``with`` block each ``MambaMixer``
+runs its own modules (``in_proj``, ``x_proj``, ``out_proj``, LoRA wrappers included) and only
+its scan goes through ``selective_scan``; on exit the mixers are exactly as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
+from dataclasses import dataclass
 
 import torch
 
+from effarch.backends import is_mamba_mixer
 from effarch.mixer import conv_tail, mixer_prefill, mixer_step
 from effarch.ssm import prepare_delta, readout, selective_scan_ref
 
@@ -54,8 +63,10 @@ def _triton_runs(device: torch.device) -> bool:
 
 
 def choose_backend(u: torch.Tensor, needs_grad: bool = False) -> str:
-    """The best backend for this tensor: Triton on CUDA for inference, else the chunked scan."""
-    return "triton" if not needs_grad and _triton_runs(u.device) else "chunked"
+    """The best backend for this tensor: Triton on CUDA (forward, and backward when
+    ``needs_grad``), else the chunked scan."""
+    del needs_grad  # both directions have a Triton kernel
+    return "triton" if _triton_runs(u.device) else "chunked"
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -72,11 +83,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         t is not None and t.requires_grad for t in tensors)
     if backend == "auto":
         backend = choose_backend(u, needs_grad)
-    elif backend == "triton" and needs_grad:
-        raise ValueError("the Triton scan is forward-only: with gradients use backend='auto' or "
-                         f"'chunked'. {TROUBLE} 'Fast path arguments'.")
     if B.dim() != 3 or C.dim() != 3:  # grouped or fixed B/C: only the reference takes them
         backend = "reference"
+    if backend == "triton" and needs_grad:
+        return selective_scan_triton_autograd(u, delta, A, B, C, D, z, delta_bias,
+                                              delta_softplus, return_last_state)
     fn = {"triton": selective_scan_triton, "chunked": selective_scan_chunked,
           "reference": selective_scan_ref}[backend]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -152,6 +163,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if not triton_available():
         raise RuntimeError("Triton is not installed; use backend='chunked'. "
                            "See TROUBLESHOOTING.md, section 'Mamba is slow'.")
+    if not _triton_runs(u.device):
+        raise ValueError(f"the Triton scan runs on CUDA tensors (or anywhere under "
+                         f"TRITON_INTERPRET=1), not on {u.device.type}: use backend='chunked'. "
+                         f"{TROUBLE} 'Fast path arguments'.")
     b, d, length = u.shape
     n = A.shape[-1]
     chunk = chunk or max(length, 1)
@@ -183,6 +198,220 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# --- the Triton backward ---------------------------------------------------------------------
+
+
+@functools.cache
+def reverse_scan_works(device: str, n: int) -> bool:
+    """Whether ``tl.associative_scan(..., reverse=True)`` composes our operator as the backward
+    needs (X_t = c_t + a_t·X_{t+1}) on ``device``, in every backward tile shape for state size
+    ``n``. Checked once per (device, n) with a tiny kernel: reversed scans of non-commutative
+    operators have had compiler bugs (triton-lang/triton#4362), and a wrong one would give
+    wrong gradients silently. Where it fails the backward reads tiles reversed and flips them.
+    """
+    from effarch import _triton_scan as tk
+
+    g = torch.Generator().manual_seed(0)
+    bn = _next_pow2(n)
+    for bd, bl, warps in tk.BWD_CONFIGS:
+        a = torch.rand(bd, bn, bl, generator=g)
+        c = torch.randn(bd, bn, bl, generator=g)
+        want, acc = torch.empty_like(c), torch.zeros(bd, bn)
+        for t in reversed(range(bl)):
+            acc = c[..., t] + a[..., t] * acc
+            want[..., t] = acc
+        a, c = a.to(device), c.to(device)
+        got = torch.empty_like(c)
+        try:
+            tk.reverse_scan_probe_kernel[(1,)](a, c, got, BLOCK_D=bd, BLOCK_N=bn, BLOCK_L=bl,
+                                               num_warps=warps)
+        except Exception:  # e.g. a Triton whose scan has no reverse=
+            return False
+        if not torch.allclose(got.cpu(), want, atol=1e-5, rtol=1e-4):
+            return False
+    return True
+
+
+def selective_scan_triton_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                   dout, dlast=None, *, reverse: bool | None = None):
+    """Gradients of :func:`selective_scan_triton` (shapes as there; B, C: (b, n, l)).
+
+    ``dout`` (b, d, l) is the output's gradient (None: zero), ``dlast`` (b, d, n) the last
+    state's (None: zero). Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each in its
+    input's dtype, None where the input is None.
+
+    Saved against recomputed: the forward keeps only its inputs (what autograd would keep for
+    the projections anyway); the backward rebuilds the states, at the price of scanning each
+    tile twice forward (pass 1 for the tile's first state, pass 2 for its states) and once
+    backward, against the forward's once. Its scratch is the state at each tile's start,
+    (b, ⌈l / 16⌉, d, n) float32, freed on return. dB and dC are summed over channel blocks with
+    float32 atomics, so on a GPU their last bits depend on the order the blocks finish.
+    ``reverse`` picks how the kernel scans backward (None: ``reverse_scan_works`` decides; both
+    give the same numbers).
+    """
+    from effarch import _triton_scan as tk
+
+    b, d, length = u.shape
+    n = A.shape[-1]
+    if reverse is None:
+        reverse = reverse_scan_works(str(u.device), n)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dout = torch.zeros_like(u) if dout is None else dout
+    du = torch.empty((b, d, length), device=u.device, dtype=u.dtype)  # (b, d, l) contiguous
+    ddelta = torch.empty((b, d, length), device=u.device, dtype=delta.dtype)
+    dz = torch.empty((b, d, length), device=u.device, dtype=z.dtype) if z is not None else du
+    dA, dD, dbias = torch.empty(b, d, n, **f32), torch.empty(b, d, **f32), torch.empty(b, d, **f32)
+    dB, dC = torch.zeros(b, n, length, **f32), torch.zeros(b, n, length, **f32)
+    n_tiles = _cdiv(length, tk.BWD_MIN_BLOCK_L)
+    hstart = torch.empty(b, n_tiles, d, n, **f32)
+    zz = z if z is not None else u
+    glast = dlast.float().contiguous() if dlast is not None else u
+    grid = lambda meta: (b, _cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+    tk.selective_scan_bwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else u, zz,
+        delta_bias if delta_bias is not None else u, dout, glast,
+        du, ddelta, dz, dA, dB, dC, dD, dbias, hstart, length, d, n, n_tiles,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(),
+        *dout.stride(), *du.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), HAS_GLAST=dlast is not None, REVERSE=bool(reverse),
+        BLOCK_N=_next_pow2(n))
+    return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD.sum(0).to(D.dtype) if D is not None else None, dz if z is not None else None,
+            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None)
+
+
+class _TritonScanFunction(torch.autograd.Function):
+    """Triton forward and Triton backward; saves the inputs only (see the backward)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        out, last = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                          return_last_state=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.delta_softplus = delta_softplus
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        if dout is None and dlast is None:
+            return (None,) * 9
+        grads = selective_scan_triton_backward(*ctx.saved_tensors, ctx.delta_softplus, dout,
+                                               dlast)
+        needs = ctx.needs_input_grad[:8]
+        return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None)
+
+
+def selective_scan_triton_autograd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                                   delta_softplus=False, return_last_state=False):
+    """:func:`selective_scan_triton` with gradients for every tensor input, from the Triton
+    backward (:func:`selective_scan_triton_backward`). B, C: (b, n, l)."""
+    if not triton_available():
+        raise RuntimeError("Triton is not installed; use backend='chunked'. "
+                           "See TROUBLESHOOTING.md, section 'Mamba is slow'.")
+    if B.dim() != 3 or C.dim() != 3:
+        raise ValueError("the Triton scan takes input-dependent B and C of shape (b, n, l); "
+                         f"got {tuple(B.shape)} and {tuple(C.shape)}: use backend='reference'")
+    D = D.contiguous() if D is not None else None  # the kernels index (d,) vectors densely
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    out, last = _TritonScanFunction.apply(u, delta, A, B, C, D, z, delta_bias,
+                                          bool(delta_softplus))
+    return (out, last) if return_last_state else out
+
+
+# --- training through transformers' MambaMixer: the scan only --------------------------------
+
+
+TRAINING_SECTION = "See TROUBLESHOOTING.md, section 'Fast Mamba training'."
+
+
+@dataclass
+class ScanRouting:
+    """What a ``use_fast_scan`` block routes: how many mixers, which backend, and how many
+    mixer forwards went through effarch's scan so far (a forward with a cache does not)."""
+
+    mixers: int
+    backend: str
+    calls: int = 0
+
+
+def routable_mixers(model) -> list:
+    """The model's transformers ``MambaMixer`` modules, or a TypeError naming what
+    ``use_fast_scan`` cannot route (another mixer class, an offloaded or patched mixer)."""
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    mixers = [m for m in model.modules() if is_mamba_mixer(m)]
+    if not mixers:
+        raise TypeError(f"use_fast_scan found no Mamba mixer in {type(model).__name__}. "
+                        + TRAINING_SECTION)
+    for m in mixers:
+        if type(m) is not MambaMixer:  # e.g. FalconMamba normalises Δ, B and C after x_proj
+            raise TypeError(f"use_fast_scan routes transformers' MambaMixer only, not "
+                            f"{type(m).__name__}, whose forward differs. " + TRAINING_SECTION)
+        if "forward" in vars(m) or any(hasattr(c, "_hf_hook") for c in m.modules()):
+            raise TypeError(f"use_fast_scan: this {type(m).__name__} already has its forward "
+                            "replaced (a use_fast_scan block already open, or accelerate "
+                            "offloading hooks). " + TRAINING_SECTION)
+    return mixers
+
+
+def _routed_forward(mixer, routing: ScanRouting):
+    """The mixer's forward with effarch's scan: transformers' signature, its modules called."""
+    original = mixer.forward
+    signature = inspect.signature(original)
+
+    def scan(u, delta, A, B, C, *, D, z, delta_bias, delta_softplus):
+        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                              delta_softplus=delta_softplus, backend=routing.backend)
+
+    def forward(hidden_states, *args, **kwargs):
+        bound = signature.bind(hidden_states, *args, **kwargs).arguments
+        given = {**bound.get("kwargs", {}), **bound}
+        if given.get("cache") is not None or given.get("cache_params") is not None:
+            return original(hidden_states, *args, **kwargs)  # generation: transformers' own
+        routing.calls += 1
+        return mixer_prefill(mixer, hidden_states, scan=scan,
+                             attention_mask=given.get("attention_mask")).output
+
+    return forward
+
+
+@contextlib.contextmanager
+def use_fast_scan(model, *, backend: str = "auto"):
+    """Within the block, every ``MambaMixer`` of ``model`` scans with :func:`selective_scan`.
+
+    Everything else stays transformers': ``in_proj``, ``x_proj`` and ``out_proj`` are called as
+    modules (PEFT LoRA wrappers on them run and train), the convolution and ``dt_proj`` are
+    read as weights, as transformers' mixer reads them (an adapter on ``dt_proj`` does nothing
+    on either path), ``A = -exp(A_log)``, ``D`` and ``dt_proj.bias`` get gradients through the
+    scan. On CUDA the scan is Triton, forward and backward; elsewhere the chunked PyTorch scan.
+    A forward given a cache (generation) runs transformers' own forward. On exit, even by an
+    exception, each mixer's forward is transformers' again. Yields a :class:`ScanRouting`.
+
+        with fast.use_fast_scan(model) as routing:
+            loss = model(input_ids=ids, labels=ids).loss   # (b, l) ids
+            loss.backward()
+        assert routing.calls == model.config.num_hidden_layers
+
+    Raises TypeError for mixers it cannot route (FalconMamba, Jamba, Mamba2, ...; offloaded or
+    already patched mixers), naming TROUBLESHOOTING.md's section.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    mixers = routable_mixers(model)
+    routing = ScanRouting(mixers=len(mixers), backend=backend)
+    patched = []
+    try:
+        for m in mixers:
+            m.forward = _routed_forward(m, routing)
+            patched.append(m)
+        yield routing
+    finally:
+        for m in patched:
+            del m.forward  # the instance attribute: the class's forward shows again
 
 
 # --- fast generation over an unmodified transformers Mamba -----------------------------------
