@@ -314,7 +314,8 @@ def selective_scan_triton_autograd(u, delta, A, B, C, D=None, z=None, delta_bias
                            "See TROUBLESHOOTING.md, section 'Mamba is slow'.")
     if B.dim() != 3 or C.dim() != 3:
         raise ValueError("the Triton scan takes input-dependent B and C of shape (b, n, l); "
-                         f"got {tuple(B.shape)} and {tuple(C.shape)}: use backend='reference'")
+                         f"got {tuple(B.shape)} and {tuple(C.shape)}: use backend='reference'. "
+                         f"{TROUBLE} 'Fast path arguments'.")
     D = D.contiguous() if D is not None else None  # the kernels index (d,) vectors densely
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     out, last = _TritonScanFunction.apply(u, delta, A, B, C, D, z, delta_bias,
@@ -325,7 +326,7 @@ def selective_scan_triton_autograd(u, delta, A, B, C, D=None, z=None, delta_bias
 # --- training through transformers' MambaMixer: the scan only --------------------------------
 
 
-TRAINING_SECTION = "See TROUBLESHOOTING.md, section 'Fast Mamba training'."
+TROUBLE_TRAINING = "See TROUBLESHOOTING.md, section 'Fast Mamba training'."
 
 
 @dataclass
@@ -346,15 +347,15 @@ def routable_mixers(model) -> list:
     mixers = [m for m in model.modules() if is_mamba_mixer(m)]
     if not mixers:
         raise TypeError(f"use_fast_scan found no Mamba mixer in {type(model).__name__}. "
-                        + TRAINING_SECTION)
+                        + TROUBLE_TRAINING)
     for m in mixers:
         if type(m) is not MambaMixer:  # e.g. FalconMamba normalises Δ, B and C after x_proj
             raise TypeError(f"use_fast_scan routes transformers' MambaMixer only, not "
-                            f"{type(m).__name__}, whose forward differs. " + TRAINING_SECTION)
+                            f"{type(m).__name__}, whose forward differs. " + TROUBLE_TRAINING)
         if "forward" in vars(m) or any(hasattr(c, "_hf_hook") for c in m.modules()):
             raise TypeError(f"use_fast_scan: this {type(m).__name__} already has its forward "
                             "replaced (a use_fast_scan block already open, or accelerate "
-                            "offloading hooks). " + TRAINING_SECTION)
+                            "offloading hooks). " + TROUBLE_TRAINING)
     return mixers
 
 
@@ -400,7 +401,8 @@ def use_fast_scan(model, *, backend: str = "auto"):
     already patched mixers), naming TROUBLESHOOTING.md's section.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}. "
+                         f"{TROUBLE} 'Fast path arguments'.")
     mixers = routable_mixers(model)
     routing = ScanRouting(mixers=len(mixers), backend=backend)
     patched = []
