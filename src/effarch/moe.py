@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from effarch import data, memory
+from effarch import data, memory, registry
 from effarch.memory import MOE_FAMILIES, ParamCount  # noqa: F401  (the labs' names for them)
 
 TROUBLE = "See TROUBLESHOOTING.md, section"
@@ -68,7 +68,9 @@ def count_params(model_or_config) -> ParamCount:
 
 @dataclass(frozen=True)
 class PublishedCount:
-    """A model's parameter counts as its authors published them, and how they counted."""
+    """A model's parameter counts as its authors published them (``total``, ``active``: the
+    registry's ``published_params`` and ``published_active``, one place for the figures), and
+    where and how they counted."""
 
     total: float
     active: float
@@ -78,23 +80,28 @@ class PublishedCount:
     cut_not_rounded: bool = False  # the figure is the count cut to one decimal, not rounded
 
 
+def _published(name: str, source: str, convention: str, **how) -> PublishedCount:
+    spec = registry.get_spec(name)
+    return PublishedCount(spec.published_params, spec.published_active, source, convention, **how)
+
+
 PUBLISHED = {
-    "mixtral-8x7b": PublishedCount(
-        46.7e9, 12.9e9, "Mistral AI, 'Mixtral of experts' (announcement, 2023-12-11); Jiang et "
+    "mixtral-8x7b": _published(
+        "mixtral-8x7b", "Mistral AI, 'Mixtral of experts' (announcement, 2023-12-11); Jiang et "
         "al. 2024, Mixtral of Experts, §2",
         "every parameter: embedding, untied LM head, attention, all 8 experts (total) or the "
         "2 a token uses (active), routers and norms"),
-    "olmoe-1b-7b": PublishedCount(
-        6.9e9, 1.3e9, "Muennighoff et al. 2024, OLMoE: Open Mixture-of-Experts Language "
+    "olmoe-1b-7b": _published(
+        "olmoe-1b-7b", "Muennighoff et al. 2024, OLMoE: Open Mixture-of-Experts Language "
         "Models, Table 1", "every parameter, embedding and untied LM head included (8 of 64 "
         "experts active)"),
-    "qwen1.5-moe-a2.7b": PublishedCount(
-        14.3e9, 2.7e9, "Qwen team, 'Qwen1.5-MoE: Matching 7B Model Performance with 1/3 "
+    "qwen1.5-moe-a2.7b": _published(
+        "qwen1.5-moe-a2.7b", "Qwen team, 'Qwen1.5-MoE: Matching 7B Model Performance with 1/3 "
         "Activated Parameters' (blog, 2024-03-28)", "every parameter, embedding and untied LM "
         "head included (4 of 60 routed experts, the shared expert and its gate active); the "
         "same post quotes 2.0B non-embedding activated parameters"),
-    "deepseek-v2-lite": PublishedCount(
-        15.7e9, 2.4e9, "DeepSeek-AI 2024, DeepSeek-V2, Appendix B (DeepSeek-V2-Lite)",
+    "deepseek-v2-lite": _published(
+        "deepseek-v2-lite", "DeepSeek-AI 2024, DeepSeek-V2, Appendix B (DeepSeek-V2-Lite)",
         "total: every parameter; activated: without the input embedding (LM head, the first "
         "dense layer, 2 shared and 6 of 64 routed experts included). That count is 2.45B: "
         "2.4B is it cut to one decimal, not rounded (2.1% above the figure)",
