@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 elsewhere")
     ap.add_argument("--lora", action="store_true", help="train LoRA on in_proj, x_proj only")
     ap.add_argument("--backends", default=None,
-                    help="effarch arms, comma-separated (default: chunked,auto on CUDA; chunked "
+                    help="effarch arms, comma-separated (default: chunked,triton on CUDA; chunked "
                          "elsewhere). 'chunked' is the gradient path before the Triton backward")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     args.dtype_name = args.dtype or ("bfloat16" if cuda else "float32")
     args.dtype = getattr(torch, args.dtype_name)
-    default = "chunked,auto" if cuda else "chunked"
+    default = "chunked,triton" if cuda else "chunked"
     args.backends = [s for s in (args.backends or default).split(",") if s]
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import platform
 import shlex
 import shutil
@@ -129,51 +130,55 @@ def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 def train_in_processes(specs, cfg, args, argv) -> int:
     """``--jobs N``: one process per model (N at a time), each writing its folder under
-    ``<out>/.parts``; then the folders move into ``<out>``, and one manifest and one log are
-    written in ``specs`` order, as a single-process run writes them."""
+    ``<out>/.parts``. Only when every one succeeded do the folders move into ``<out>`` and one
+    manifest and one log get written in ``specs`` order, as a single-process run writes them; a
+    failure leaves ``<out>`` as it was (and ``.parts`` with each process's output)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     base = _without(argv, ("--out", "--only", "--jobs"))
     parts = args.out / ".parts"
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir(parents=True)
     start, pending, running, failed = time.perf_counter(), list(specs), [], []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            spec = pending.pop(0)
-            log = (parts / f"{spec.name}.out").open("w", encoding="utf-8")
-            cmd = [sys.executable, __file__, *base, "--out", str(parts / spec.name),
-                   "--only", spec.name]
-            running.append((spec, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(1.0)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            item[2].close()
-            if item[1].returncode:
-                failed.append(item[0].name)
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                spec = pending.pop(0)
+                log = (parts / f"{spec.name}.out").open("w", encoding="utf-8")
+                out = os.path.relpath(parts / spec.name)  # as the logged command shows it
+                cmd = [sys.executable, __file__, *base, "--out", out, "--only", spec.name]
+                running.append((spec, subprocess.Popen(cmd, stdout=log,
+                                                       stderr=subprocess.STDOUT), log))
+            time.sleep(1.0)
+            for item in [r for r in running if r[1].poll() is not None]:
+                running.remove(item)
+                item[2].close()
+                if item[1].returncode:
+                    failed.append(item[0].name)
+    finally:  # interrupted: no orphan left training on the GPU
+        for _, proc, log in running:
+            proc.terminate()
+            proc.wait()
+            log.close()
+    if failed:
+        print(f"failed: {', '.join(failed)} (their output: {parts}/<name>.out); {args.out} is "
+              "unchanged", file=sys.stderr)
+        return 1
     entries, logs, metas = [], [], []
     for spec in specs:
-        part = parts / spec.name
-        try:
-            manifest = recall.read_manifest(part)
-        except FileNotFoundError:
-            continue
+        manifest = recall.read_manifest(parts / spec.name)
         entries.extend(manifest.pop("models"))
         metas.append(manifest)
+        logs.append((parts / spec.name / "train_log.txt").read_text(encoding="utf-8"))
+    for spec in specs:
         shutil.rmtree(args.out / spec.name, ignore_errors=True)
-        shutil.move(str(part / spec.name), str(args.out / spec.name))
-        logs.append((part / "train_log.txt").read_text(encoding="utf-8"))
+        shutil.move(str(parts / spec.name / spec.name), str(args.out / spec.name))
     wall = time.perf_counter() - start
-    if metas:
-        meta = {**metas[0], "wall_s": wall, "jobs": args.jobs,
-                "complete": len(entries) == len(specs) and not failed}
-        recall.write_manifest(args.out, entries, meta)
+    recall.write_manifest(args.out, entries, {**metas[0], "wall_s": wall, "jobs": args.jobs,
+                                              "complete": len(entries) == len(specs)})
     head = f"$ {shlex.join(['python', 'scripts/train_recall.py', *argv])}\n"
     (args.out / "train_log.txt").write_text(
         head + "".join(logs) + f"done: {len(entries)} models in {wall:.0f} s "
         f"({args.jobs} processes at once)\n", encoding="utf-8")
-    if failed:
-        print(f"failed: {', '.join(failed)} (their output: {parts}/<name>.out)", file=sys.stderr)
-        return 1
     shutil.rmtree(parts)
     print(f"done: {len(entries)} models in {wall:.0f} s ({args.jobs} processes at once)")
     return 0

@@ -77,6 +77,16 @@ def test_dispatch(monkeypatch):
     monkeypatch.setattr(fast, "triton_available", lambda: True)
     # gradients too: the Triton backward (tests/test_fast_backward.py)
     assert fast.choose_backend(u) == "triton" and fast.choose_backend(u, True) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+
+    class OnCuda:  # a CUDA tensor's device, without a GPU
+        device = torch.device("cuda")
+
+    # on a GPU: the Triton forward; gradients through the chunked scan until the Triton
+    # backward has passed its GPU tests (fast.TRITON_BACKWARD_ON_GPU_BY_DEFAULT)
+    assert fast.choose_backend(OnCuda()) == "triton"
+    assert fast.choose_backend(OnCuda(), True) == ("triton" if fast.TRITON_BACKWARD_ON_GPU_BY_DEFAULT
+                                                   else "chunked")
 
 
 TRITON_SCRIPT = textwrap.dedent("""

@@ -298,11 +298,12 @@ def test_triton_backward_on_gpu_matches_reference(dtype, length, reverse):
 
 
 @cuda
-def test_use_fast_scan_on_gpu_matches_transformers():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_use_fast_scan_on_gpu_matches_transformers(backend):
     model = _tiny_mamba(layers=2).cuda().train()
     ids = torch.randint(0, 64, (2, 100), generator=torch.Generator().manual_seed(1)).cuda()
     loss_hf, grads_hf = _train_step(model, ids, contextlib.nullcontext())
-    with fast.use_fast_scan(model) as routing:
+    with fast.use_fast_scan(model, backend=backend) as routing:
         loss_fast, grads_fast = _train_step(model, ids, contextlib.nullcontext())
     assert routing.calls == 2
     torch.testing.assert_close(loss_fast, loss_hf, atol=1e-5, rtol=1e-5)

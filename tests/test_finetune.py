@@ -272,7 +272,7 @@ def test_adapter_round_trip_reload_and_merge(tok, tmp_path, batch):
             if ".lora_B." in name:
                 p.normal_(0, 0.05)
     model.eval()
-    ids = batch["input_ids"]
+    ids = batch["input_ids"].to(next(model.parameters()).device)
     with torch.no_grad():
         trained = model(input_ids=ids).logits
         base = fresh_model()(input_ids=ids).logits
@@ -553,6 +553,8 @@ def test_parallel_scan_only_for_float32_models(batch):
     if not backends.mambapy_available():
         pytest.skip("mambapy is not installed")
     model = models.load_model("tiny-mamba", dtype=torch.bfloat16, device="cpu").model
+    for m in backends.mamba_mixers(model):  # switched on before: the switch must turn it off
+        m.use_mambapy = True
     finetune.use_parallel_scan(model)
     assert not any(m.use_mambapy for m in backends.mamba_mixers(model))
     model.train()

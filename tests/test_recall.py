@@ -131,8 +131,8 @@ def test_train_recall_smoke_ships_loadable_models(tmp_path):
 
 def test_train_recall_in_processes_writes_one_manifest_in_order(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_recall.py"), "--smoke",
-                        "--out", str(tmp_path), "--only", "attention", "mamba-d16-l2-n4",
-                        "--jobs", "2"], capture_output=True, text=True, timeout=600)
+                        f"--out={tmp_path}", "--only", "attention", "mamba-d16-l2-n4",
+                        "--jobs=2"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [m["name"] for m in manifest["models"]] == ["attention-d16-l2", "mamba-d16-l2-n4"]
@@ -176,3 +176,24 @@ def test_training_accuracy_compares_at_the_last_common_step(tmp_path):
     assert recall.training_accuracy(tmp_path, step=2)["acc@2"].tolist() == [0.2, 1.2]
     with pytest.raises(recall.RecallError, match="common steps: \\[2, 4\\]"):
         recall.training_accuracy(tmp_path, step=6)
+
+
+def test_train_recall_in_processes_leaves_the_folder_alone_when_one_fails(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")  # what an earlier run shipped
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_recall.py"), "--smoke",
+                        "--out", str(tmp_path), "--only", "attention", "mamba-d16-l2-n4",
+                        "--jobs", "2", "--steps", "0"],  # 0 steps: each process fails
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "is unchanged" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "manifest.json").read_text() == "{}"
+    assert not (tmp_path / "train_log.txt").exists()
+    assert sorted(p.name for p in (tmp_path / ".parts").glob("*.out")) == [
+        "attention-d16-l2.out", "mamba-d16-l2-n4.out"]
+
+
+def test_reaching_the_last_step_is_not_an_early_stop():
+    spec = recall.RecallModelSpec("mamba", d_state=4, **SMALL)
+    cfg = recall.TrainConfig(steps=2, batch_size=4, seq_len=24, pairs=(2,), warmup=1,
+                             eval_every=2, eval_examples=4, max_seconds=0.0)
+    run = recall.train(recall.build_model(spec, seed=0), spec, cfg)
+    assert run.log[-1]["step"] == 2 and run.stopped_early is None

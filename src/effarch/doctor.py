@@ -71,6 +71,8 @@ def _mamba_lines() -> list[str]:
     path, why = backends.transformers_mamba_path(models.get_config(name))
     on_gpu = torch.cuda.is_available() and get_profile().device.startswith("cuda")  # the profile's
     fast = backends.fast_path_description(cuda=on_gpu).removeprefix("yes: ")  # device, not the machine's
+    if torch.cuda.is_available() and not on_gpu:
+        fast = fast.replace("(no CUDA GPU)", "(this profile runs on the CPU)")
     return [f"mamba packages: mamba-ssm {version('mamba_ssm')}, causal-conv1d "
             f"{version('causal_conv1d')}, mambapy {version('mambapy')}",
             f"mamba paths for this profile's Mamba ({name}), whole prompts:",

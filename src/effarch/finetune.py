@@ -304,11 +304,13 @@ def use_parallel_scan(model) -> str:
     float32 states by C in the model's dtype without a cast, so a bf16 or fp16 model would fail
     in training ("expected scalar type Float but found BFloat16", seen on transformers 5.17 and
     in 5.24's source)."""
-    if backends.mambapy_available() and next(model.parameters()).dtype == torch.float32:
+    if backends.mambapy_available():
         inner = getattr(model, "get_base_model", lambda: model)()
-        inner.config.use_mambapy = True
-        for mixer in backends.mamba_mixers(inner):
-            mixer.use_mambapy = True
+        mixers = backends.mamba_mixers(inner)
+        use = all(m.x_proj.weight.dtype == torch.float32 for m in mixers)  # the scan's inputs
+        inner.config.use_mambapy = use
+        for mixer in mixers:
+            mixer.use_mambapy = use
     return backends.mamba_path(model)
 
 

@@ -434,18 +434,25 @@ def training_accuracy(folder: Path | None = None, *, step: int | None = None):
     import pandas as pd
 
     folder = Path(folder or recall_dir())
-    logs = {e["name"]: json.loads((folder / e["folder"] / "train_log.json").read_text())["log"]
-            for e in read_manifest(folder)["models"]}
+    logs = {}
+    for e in read_manifest(folder)["models"]:
+        path = folder / e["folder"] / "train_log.json"
+        try:
+            logs[e["name"]] = json.loads(path.read_text(encoding="utf-8"))["log"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise FileNotFoundError(
+                f"a recall model's training log is missing or unreadable ({path}: {exc}). "
+                "See TROUBLESHOOTING.md, section 'Missing data files'.") from None
     reached = {name: {r["step"] for r in log} for name, log in logs.items()}
     common = set.intersection(*reached.values()) if reached else set()
     if step is None:
         if not common:
             raise RecallError("the training logs share no evaluated step; pass step=. See "
-                              "TROUBLESHOOTING.md, section 'Missing data files'.")
+                              "TROUBLESHOOTING.md, section 'Recall task shapes'.")
         step = max(common)
     elif step not in common:
         raise RecallError(f"not every model was evaluated at step {step}; common steps: "
-                          f"{sorted(common)}. See TROUBLESHOOTING.md, section 'Missing data files'.")
+                          f"{sorted(common)}. See TROUBLESHOOTING.md, section 'Recall task shapes'.")
     rows = [{"model": name, "step": step,
              **{k: v for r in log if r["step"] == step for k, v in r.items()
                 if k.startswith("acc@")}} for name, log in logs.items()]
