@@ -205,6 +205,28 @@ def test_use_fast_scan_trains_lora_adapters_like_transformers():
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_use_fast_scan_trains_every_weight_like_transformers():
+    """Full fine-tuning: every parameter's gradient through the opt-in equals transformers'
+    (A_log, D, dt_proj's bias, conv1d and the projections included: a scan that dropped D's or
+    the bias's gradient, or detached Δ, fails here). Chunked on a CPU; the Triton backward when
+    this file reruns under the interpreter (test_file_in_interpreter_mode)."""
+    model = _tiny_mamba(layers=2).train()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    loss_hf, grads_hf = _train_step(model, ids, contextlib.nullcontext())
+    with fast.use_fast_scan(model) as routing:
+        loss_fast, grads_fast = _train_step(model, ids, contextlib.nullcontext())
+    assert routing.calls == 2
+    torch.testing.assert_close(loss_fast, loss_hf, atol=1e-6, rtol=1e-6)
+    mixer_params = [n for n in grads_hf if ".mixer." in n]
+    assert {n.rsplit(".mixer.", 1)[1] for n in mixer_params} >= {
+        "A_log", "D", "dt_proj.bias", "dt_proj.weight", "conv1d.weight", "in_proj.weight",
+        "x_proj.weight", "out_proj.weight"}
+    for name, g in grads_hf.items():
+        assert g is not None and grads_fast[name] is not None, name
+        torch.testing.assert_close(grads_fast[name], g, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_use_fast_scan_restores_the_mixers_even_after_an_exception():
     model = _tiny_mamba().eval()
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(2))
