@@ -13,6 +13,7 @@ computed by effarch's own functions.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -216,6 +217,56 @@ def spark_table() -> str:
     return "\n".join(rows)
 
 
+def _kept_bench(what: str, name: str = "bench_fast_mamba_h200.json") -> float:
+    """One figure of a kept ``scripts/bench_fast_mamba.py --json`` run (data/measurements)."""
+    rows = json.loads((paths.measurements_dir() / name).read_text(encoding="utf-8"))["rows"]
+    return next(r["value"] for r in rows if r["what"] == what)
+
+
+def spark_claims() -> str:
+    """The seed's "DGX Spark advantages", each against numbers: effarch's formulas for weights
+    and state, NVIDIA's published memory and bandwidth, and a kept H200 run for comparison."""
+    mixtral = memory.estimate_weights_bytes("mixtral-8x7b")
+    mix_cfg = registry.get_config("mixtral-8x7b")
+    mix_ctx = 32768
+    mix_kv = memory.kv_cache_bytes(mix_cfg, mix_ctx)
+    jamba = memory.estimate_weights_bytes("jamba-v0.1")
+    jam_cfg = registry.get_config("jamba-v0.1")
+    jam_ctx = 262144
+    jam_state = _state_bytes(jam_cfg, jam_ctx)
+    h200_copy = _kept_bench("device copy bandwidth (read + write)") * 1e12
+    h200_decode = _kept_bench("decode batch 1, effarch fast path (graph)")
+    mamba_step = decode_step_bytes("mamba-2.8b")
+    ft = memory.estimate_weights_bytes("mamba-2.8b")  # bf16 weights
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    return "\n".join([
+        "| the seed's claim | the numbers | holds? |", "| --- | --- | --- |",
+        f"| 128 GB: Mixtral without quantisation | Mixtral-8x7B's weights take {gb(mixtral)} in "
+        f"bf16 ({mixtral / SPARK_MEMORY:.0%} of {SPARK_MEMORY / 1e9:.0f} GB); its KV cache at "
+        f"{mix_ctx:,} tokens, batch 1, adds {gb(mix_kv)}, leaving "
+        f"{gb(SPARK_MEMORY - mixtral - mix_kv)} for the system, the CUDA context and activations "
+        "(the CPU shares the same memory) | yes, with little room: one model, one user |",
+        f"| 128 GB: Jamba at 256K context | Jamba-v0.1's weights take {gb(jamba)} in bf16; its "
+        f"state at {jam_ctx:,} tokens (KV cache of its attention layers and the Mamba state, batch "
+        f"1) is {gb(jam_state)}: {gb(jamba + jam_state)} in all, {gb(SPARK_MEMORY - jamba - jam_state)} "
+        "left; a 256K-token prefill's activations are not counted here and would have to be "
+        "processed in chunks | the weights and state fit; the prefill is the open question |",
+        f"| fast memory for Mamba's sequential state updates | DGX Spark's memory moves "
+        f"{SPARK_BANDWIDTH / 1e9:.0f} GB/s (published); one H200's device copy measured "
+        f"{h200_copy / 1e12:.2f} TB/s, bytes read and written "
+        f"({h200_copy / SPARK_BANDWIDTH:.0f}×). Mamba-2.8B's decode "
+        f"step reads {gb(mamba_step)}, so at most {SPARK_BANDWIDTH / mamba_step:.0f} tokens/s on "
+        f"DGX Spark at batch 1, against {h200_decode:.0f} measured on the H200 "
+        "(`data/measurements/bench_fast_mamba_h200.json`) | no: its memory is large, not fast; "
+        "what it offers is capacity |",
+        f"| bf16: train and fine-tune at full precision | bf16 is half precision; full "
+        f"fine-tuning of Mamba-2.8B in bf16 with AdamW holds the weights, their gradients and two "
+        f"optimiser moments, about 4 × {gb(ft)} = {gb(4 * ft)} (lab 2.4.6's count), which fits "
+        "before activations; LoRA needs little more than the weights | fits, but not "
+        "\"full precision\": mixed or half precision |",
+    ])
+
+
 STUDY_BLOCKS = {
     "QUICK_REFERENCE.md": {"inference state": state_table, "switch loss": switch_loss_table,
                            "capacity": capacity_table, "lora targets": lora_table,
@@ -241,6 +292,7 @@ def documents() -> dict[Path, str]:
     lab_prep = (ROOT / "LAB_PREP.md").read_text(encoding="utf-8")
     lab_prep = replace_block(lab_prep, "model table", model_table())
     lab_prep = replace_block(lab_prep, "quantisation probe", probe_table())
+    lab_prep = replace_block(lab_prep, "dgx spark claims", spark_claims())
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     readme = replace_block(readme, "dgx spark estimates", spark_table())
     out = {ROOT / "LAB_PREP.md": replace_block(lab_prep, "full-profile runs", table),
