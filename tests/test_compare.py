@@ -477,3 +477,20 @@ def test_function_checks_report_a_stub_as_not_attempted(zoo_table, no_strict):
     assert _last(no_strict).status == "skip"
     no_strict.check_memory_choice(lambda t: t.no_such_column, zoo_table)
     assert _last(no_strict).status == "fail" and "AttributeError" in _last(no_strict).details[0]
+
+
+def test_guide_recall_threshold_counts_the_sampling_noise():
+    def table(acc, examples):
+        return pd.DataFrame([
+            {"model": "att", "arch": "attention", "d_state": 0, "num_pairs": 16,
+             "accuracy": 1.0, "examples": examples},
+            {"model": "m16", "arch": "mamba", "d_state": 16, "num_pairs": 16,
+             "accuracy": acc, "examples": examples}])
+    # 89.9% and 90.6% over 256 sequences are the same result: neither flips the sentence
+    for acc in (0.899, 0.906):
+        because = compare.choose_for_recall(table(acc, 256)).because
+        assert "within the sampling noise" in because and "d_state 16" in because, because
+    # measured on far more queries, 90.6% is clearly above 90%, 80% clearly below
+    assert "held 90% beyond its sampling noise from d_state 16" in compare.choose_for_recall(
+        table(0.906, 100_000)).because
+    assert "reached 90%" in compare.choose_for_recall(table(0.8, 256)).because
