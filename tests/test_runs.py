@@ -75,6 +75,12 @@ def test_table_shows_the_latest_successful_run_per_lab(tmp_path):
     assert "20.0 GB" in lines[3] and "0123456" in lines[3]
 
 
+def test_table_keeps_what_a_record_adds_to_its_commit(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    runs.append_run(_record("2.4.5", commit="fea9dec0123+lab245"), path)  # uncommitted notebooks
+    assert "| fea9dec+lab245, 2026-12-02 |" in runs.runs_table(runs.read_runs(path))
+
+
 def test_lab_names():
     assert runs.lab_of("solutions/lab-2.4.1-mamba-inference-solution.ipynb") == "2.4.1"
     assert runs.lab_of("lab-2.4.6-mamba-finetuning.ipynb") == "2.4.6"

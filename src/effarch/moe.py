@@ -82,6 +82,10 @@ class PublishedCount:
 
 def _published(name: str, source: str, convention: str, **how) -> PublishedCount:
     spec = registry.get_spec(name)
+    if spec.published_params is None or spec.published_active is None:
+        raise ValueError(f"the registry has no published counts for {name}: add "
+                         "published_params and published_active to its ModelSpec. "
+                         f"{TROUBLE} 'Parameter counts'.")
     return PublishedCount(spec.published_params, spec.published_active, source, convention, **how)
 
 

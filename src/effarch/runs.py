@@ -83,6 +83,13 @@ def _gb(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e9:.1f} GB"
 
 
+def _short_commit(commit: str) -> str:
+    """A commit as the tables show it: 7 hex digits, and what the record adds after it (e.g.
+    ``+lab245``: the tree held uncommitted changes) kept."""
+    head, sep, tail = commit.partition("+")
+    return head[:7] + sep + tail
+
+
 def runs_table(runs: list[LabRun]) -> str:
     """The per-lab markdown table: time and peak memory of the latest full-profile run."""
     rows = ["| lab | weights | device | wall time | peak GPU memory | peak process memory | "
@@ -90,7 +97,7 @@ def runs_table(runs: list[LabRun]) -> str:
     for lab, r in latest_by_lab(runs).items():
         rows.append(f"| {lab} | {r.weights} | {r.device} | {r.wall_s / 60:.1f} min | "
                     f"{_gb(r.peak_gpu_bytes)} | {_gb(r.peak_rss_bytes)} | "
-                    f"{r.commit[:7]}, {r.date} |")
+                    f"{_short_commit(r.commit)}, {r.date} |")
     if len(rows) == 2:
         rows.append("| (no full-profile run kept yet) | | | | | | |")
     return "\n".join(rows)
