@@ -57,8 +57,15 @@ SECTION_HELPERS = ("_missing(", "offline_error(", "_held_message(", "qlora_unava
                    "(reason)")
 
 
+# A raise names a section by its title in quotes after TROUBLE ("{TROUBLE} 'Title'") or
+# "section 'Title'", or through a constant that holds one (TROUBLE_X, SEE_X, X_HELP).
+NAMED = re.compile(r"TROUBLE\}?\s*'[^']+'|section '[^']+'|\bTROUBLE_\w+|\bSEE_\w+|\b\w*_HELP\b")
+ADJACENT = re.compile(r"[\"']\s*\n\s*[rbfuRBFU]*[\"']")  # "…" "…" across a line: one string
+
+
 def _names_a_section(text: str) -> bool:
-    return any(h in text for h in ("TROUBLE", "SEE_", "_HELP", *SECTION_HELPERS))
+    joined = ADJACENT.sub("", text)
+    return bool(NAMED.search(joined)) or any(h in text for h in SECTION_HELPERS)
 
 
 def _bare_raises(node, source: str, scope: list[str]):
@@ -350,3 +357,11 @@ def test_no_reference_to_a_file_the_repository_does_not_have():
         f"{f} names {ref}" for f, ref in new)
     fixed = sorted(KNOWN_MISSING - missing)
     assert not fixed, f"no longer referenced, remove from KNOWN_MISSING: {fixed}"
+
+
+def test_a_raise_names_a_section_only_with_its_title():
+    assert _names_a_section('''raise ValueError(f"bad. {TROUBLE} 'Fast path arguments'.")''')
+    assert _names_a_section('''raise X("bad. See TROUBLESHOOTING.md, section "\n    "'Scan shapes'.")''')
+    assert _names_a_section("raise TypeError('no mixer. ' + TROUBLE_TRAINING)")
+    assert not _names_a_section('''raise ValueError(f"bad. {TROUBLE}.")''')  # no title
+    assert not _names_a_section('''raise ValueError("see TROUBLESHOOTING.md")''')
