@@ -342,7 +342,8 @@ TROUBLE_TRAINING = "See TROUBLESHOOTING.md, section 'Fast Mamba training'."
 @dataclass
 class ScanRouting:
     """What a ``use_fast_scan`` block routes: how many mixers, which backend, and how many
-    mixer forwards went through effarch's scan so far (a forward with a cache does not)."""
+    mixer forwards went through effarch's scan so far (a forward with a cache does not; one
+    recomputed by gradient checkpointing counts again)."""
 
     mixers: int
     backend: str
@@ -398,14 +399,17 @@ def use_fast_scan(model, *, backend: str = "auto"):
     modules (PEFT LoRA wrappers on them run and train), the convolution and ``dt_proj`` are
     read as weights, as transformers' mixer reads them (an adapter on ``dt_proj`` does nothing
     on either path), ``A = -exp(A_log)``, ``D`` and ``dt_proj.bias`` get gradients through the
-    scan. On CUDA the scan is Triton, forward and backward; elsewhere the chunked PyTorch scan.
+    scan. With ``backend="auto"`` the scan is Triton on CUDA for the forward and, once verified
+    on a GPU (``TRITON_BACKWARD_ON_GPU_BY_DEFAULT``), the backward; ``backend="triton"`` asks for
+    the Triton backward now; elsewhere the chunked PyTorch scan.
     A forward given a cache (generation) runs transformers' own forward. On exit, even by an
     exception, each mixer's forward is transformers' again. Yields a :class:`ScanRouting`.
 
         with fast.use_fast_scan(model) as routing:
             loss = model(input_ids=ids, labels=ids).loss   # (b, l) ids
             loss.backward()
-        assert routing.calls == model.config.num_hidden_layers
+        assert routing.calls == model.config.num_hidden_layers  # twice that with gradient
+                                                                 # checkpointing (forwards rerun)
 
     Raises TypeError for mixers it cannot route (FalconMamba, Jamba, Mamba2, ...; offloaded or
     already patched mixers), naming TROUBLESHOOTING.md's section.
