@@ -16,7 +16,6 @@ it) or ``PYTHONPATH=src`` (the GPU machine, which has no install).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 
@@ -25,12 +24,8 @@ import torch
 from effarch import backends, bench, fast, models
 from effarch.ssm import selective_scan_ref
 
-ROWS: list[dict] = []
-
-
-def row(what: str, value: float, unit: str, note: str = "") -> None:
-    ROWS.append(dict(what=what, value=value, unit=unit, note=note))
-    print(f"  {what:58s} {value:12.4g} {unit:8s} {note}", flush=True)
+REPORT = bench.Report(width=58)
+row = REPORT.row
 
 
 def cpu_scan(args) -> None:
@@ -227,8 +222,7 @@ def main(argv=None) -> int:
         section(mamba_section, args, bw)
         section(phi_section, args, bw)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=args.device, torch=torch.__version__, rows=ROWS), f, indent=1)
+        REPORT.save(args.json, device=args.device, torch=torch.__version__)
     return 0
 
 

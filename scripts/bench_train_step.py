@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import sys
 
@@ -34,12 +33,8 @@ import torch
 
 from effarch import backends, bench, fast, registry
 
-ROWS: list[dict] = []
-
-
-def row(what: str, value: float, unit: str, note: str = "") -> None:
-    ROWS.append(dict(what=what, value=value, unit=unit, note=note))
-    print(f"  {what:52s} {value:12.4g} {unit:6s} {note}", flush=True)
+REPORT = bench.Report(width=52)
+row = REPORT.row
 
 
 def build(args):
@@ -166,9 +161,8 @@ def main(argv=None) -> int:
           + (f" ({torch.cuda.get_device_name(args.device)})" if cuda else ""))
     measure(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=args.device, torch=torch.__version__, args={
-                k: v for k, v in vars(args).items() if k != "dtype"}, rows=ROWS), f, indent=1)
+        REPORT.save(args.json, device=args.device, torch=torch.__version__,
+                    args={k: v for k, v in vars(args).items() if k != "dtype"})
     return 0
 
 

@@ -13,13 +13,12 @@ computed by effarch's own functions.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from effarch import finetune, memory, moe, paths, plots, registry, runs, ssm
+from effarch import bench, finetune, memory, moe, paths, plots, registry, runs, ssm
 
 ROOT = paths.repo_root()
 
@@ -219,8 +218,7 @@ def spark_table() -> str:
 
 def _kept_bench(what: str, name: str = "bench_fast_mamba_h200.json") -> float:
     """One figure of a kept ``scripts/bench_fast_mamba.py --json`` run (data/measurements)."""
-    rows = json.loads((paths.measurements_dir() / name).read_text(encoding="utf-8"))["rows"]
-    return next(r["value"] for r in rows if r["what"] == what)
+    return bench.kept_figure(paths.measurements_dir() / name, what)
 
 
 def spark_claims() -> str:

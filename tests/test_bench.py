@@ -358,3 +358,14 @@ def test_transformers_mamba_path_predicts_the_built_models_path(mamba):
     path, why = backends.transformers_mamba_path(mamba.config)
     assert path == backends.mamba_path(mamba)
     assert why
+
+
+def test_a_report_keeps_what_it_prints(tmp_path, capsys):
+    report = bench.Report(width=10)
+    report.row("prefill", 123.456, "tok/s", "note")
+    report.row("decode", 7.0, "tok/s")
+    assert "prefill" in capsys.readouterr().out
+    report.save(tmp_path / "r.json", device="cpu")
+    assert bench.kept_figure(tmp_path / "r.json", "decode") == 7.0
+    with pytest.raises(KeyError, match="no row 'missing'"):
+        bench.kept_figure(tmp_path / "r.json", "missing")

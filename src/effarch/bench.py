@@ -596,3 +596,39 @@ def decode_tokens_per_s(total_s: float, ttft_s: float, batch_size: int, new_toke
     b·(n − 1) tokens generated after the first, over the decode time total − ttft (the
     definition of ``GenerationResult.decode_tokens_per_s``; lab 2.4.1, Part C)."""
     return batch_size * (new_tokens - 1) / (total_s - ttft_s)
+
+
+# --- a benchmark script's table of figures ------------------------------------------------
+
+
+class Report:
+    """The figures a benchmark script prints, one row each (what, value, unit, note), kept for
+    ``--json``: ``save`` writes ``{**meta, "rows": [...]}``; :func:`kept_figure` reads one back."""
+
+    def __init__(self, width: int = 56):
+        self.rows: list[dict] = []
+        self.width = width
+
+    def row(self, what: str, value: float, unit: str, note: str = "") -> None:
+        self.rows.append(dict(what=what, value=value, unit=unit, note=note))
+        print(f"  {what:{self.width}s} {value:12.4g} {unit:8s} {note}", flush=True)
+
+    def save(self, path, **meta) -> None:
+        import json
+
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({**meta, "rows": self.rows}, f, indent=1)
+
+
+def kept_figure(path, what: str) -> float:
+    """The value of row ``what`` in a :meth:`Report.save` file (e.g. a kept run in
+    data/measurements/)."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    try:
+        return next(r["value"] for r in rows if r["what"] == what)
+    except StopIteration:
+        raise KeyError(f"{path} has no row {what!r}. See TROUBLESHOOTING.md, section "
+                       "'Missing data files'.") from None
