@@ -237,31 +237,37 @@ def spark_claims() -> str:
     mamba_step = decode_step_bytes("mamba-2.8b")
     ft = memory.estimate_weights_bytes("mamba-2.8b")  # bf16 weights
     gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    mix_left, jam_left = SPARK_MEMORY - mixtral - mix_kv, SPARK_MEMORY - jamba - jam_state
+    fits = lambda left: (f"yes, {left / SPARK_MEMORY:.0%} of the memory left"  # noqa: E731
+                         if left > 0 else "no")
+    slower = h200_copy / SPARK_BANDWIDTH
     return "\n".join([
         "| the seed's claim | the numbers | holds? |", "| --- | --- | --- |",
         f"| 128 GB: Mixtral without quantisation | Mixtral-8x7B's weights take {gb(mixtral)} in "
         f"bf16 ({mixtral / SPARK_MEMORY:.0%} of {SPARK_MEMORY / 1e9:.0f} GB); its KV cache at "
         f"{mix_ctx:,} tokens, batch 1, adds {gb(mix_kv)}, leaving "
-        f"{gb(SPARK_MEMORY - mixtral - mix_kv)} for the system, the CUDA context and activations "
-        "(the CPU shares the same memory) | yes, with little room: one model, one user |",
+        f"{gb(mix_left)} for the system, the CUDA context and activations (the CPU shares the "
+        f"same memory) | {fits(mix_left)} |",
         f"| 128 GB: Jamba at 256K context | Jamba-v0.1's weights take {gb(jamba)} in bf16; its "
         f"state at {jam_ctx:,} tokens (KV cache of its attention layers and the Mamba state, batch "
-        f"1) is {gb(jam_state)}: {gb(jamba + jam_state)} in all, {gb(SPARK_MEMORY - jamba - jam_state)} "
-        "left; a 256K-token prefill's activations are not counted here and would have to be "
-        "processed in chunks | the weights and state fit; the prefill is the open question |",
+        f"1) is {gb(jam_state)}: {gb(jamba + jam_state)} in all, {gb(jam_left)} left; a "
+        "256K-token prefill's activations are not counted here and would have to be processed "
+        f"in chunks | weights and state: {fits(jam_left)}; the prefill is not counted |",
         f"| fast memory for Mamba's sequential state updates | DGX Spark's memory moves "
         f"{SPARK_BANDWIDTH / 1e9:.0f} GB/s (published); one H200's device copy measured "
         f"{h200_copy / 1e12:.2f} TB/s, bytes read and written "
-        f"({h200_copy / SPARK_BANDWIDTH:.0f}×). Mamba-2.8B's decode "
+        f"({slower:.0f}×). Mamba-2.8B's decode "
         f"step reads {gb(mamba_step)}, so at most {SPARK_BANDWIDTH / mamba_step:.0f} tokens/s on "
         f"DGX Spark at batch 1, against {h200_decode:.0f} measured on the H200 "
-        "(`data/measurements/bench_fast_mamba_h200.json`) | no: its memory is large, not fast; "
-        "what it offers is capacity |",
+        "(`data/measurements/bench_fast_mamba_h200.json`) | "
+        + (f"no: {slower:.0f}× slower than an H200's; what it offers is capacity |" if slower > 1
+           else "yes |"),
         f"| bf16: train and fine-tune at full precision | bf16 is half precision; full "
         f"fine-tuning of Mamba-2.8B in bf16 with AdamW holds the weights, their gradients and two "
-        f"optimiser moments, about 4 × {gb(ft)} = {gb(4 * ft)} (lab 2.4.6's count), which fits "
-        "before activations; LoRA needs little more than the weights | fits, but not "
-        "\"full precision\": mixed or half precision |",
+        f"optimiser moments, about 4 × {gb(ft)} = {gb(4 * ft)} (lab 2.4.6's count) before "
+        f"activations; LoRA needs little more than the weights | "
+        + ("fits" if 4 * ft < SPARK_MEMORY else "does not fit")
+        + ", but in half precision, not \"full\" |",
     ])
 
 
