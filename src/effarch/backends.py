@@ -116,11 +116,12 @@ def available_mamba_paths() -> dict[str, bool | str]:
     }
 
 
-def fast_path_description(*, cuda: bool) -> str:
-    """What ``effarch.fast`` would run here (prefill scan, decode step)."""
+def fast_path_description(*, cuda: bool, no_gpu: str = "no CUDA GPU") -> str:
+    """What ``effarch.fast`` would run here (prefill scan, decode step); ``no_gpu`` says why
+    there is no GPU path when ``cuda`` is false."""
     triton = importlib.util.find_spec("triton") is not None
     if cuda and triton:
         return "yes: Triton scan prefill, fused Triton decode step in a CUDA graph"
     if cuda:
         return "yes: chunked PyTorch scan prefill, CUDA-graph decode (Triton missing)"
-    return "yes: chunked PyTorch scan prefill, eager decode (no CUDA GPU)"
+    return f"yes: chunked PyTorch scan prefill, eager decode ({no_gpu})"

@@ -70,9 +70,9 @@ def _mamba_lines() -> list[str]:
     name = models.name_for("mamba")
     path, why = backends.transformers_mamba_path(models.get_config(name))
     on_gpu = torch.cuda.is_available() and get_profile().device.startswith("cuda")  # the profile's
-    fast = backends.fast_path_description(cuda=on_gpu).removeprefix("yes: ")  # device, not the machine's
-    if torch.cuda.is_available() and not on_gpu:
-        fast = fast.replace("(no CUDA GPU)", "(this profile runs on the CPU)")
+    fast = backends.fast_path_description(  # the profile's device, not the machine's
+        cuda=on_gpu, no_gpu="this profile runs on the CPU" if torch.cuda.is_available()
+        else "no CUDA GPU").removeprefix("yes: ")
     return [f"mamba packages: mamba-ssm {version('mamba_ssm')}, causal-conv1d "
             f"{version('causal_conv1d')}, mambapy {version('mambapy')}",
             f"mamba paths for this profile's Mamba ({name}), whole prompts:",
