@@ -27,6 +27,7 @@ import torch
 
 from effarch import compat
 from effarch.decoding import Decoder, as_decoder, inference
+from effarch.paths import TROUBLE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 # The clock every timed region reads; a module attribute so that tests can substitute a fake one.
 _clock = time.perf_counter
 
-TROUBLE = "See TROUBLESHOOTING.md, section"
 
 
 @contextlib.contextmanager

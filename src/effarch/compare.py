@@ -33,6 +33,7 @@ import torch
 
 from effarch import backends, bench, compat, data, fast, memory, models
 from effarch.decoding import TransformersDecoder
+from effarch.paths import TROUBLE
 from effarch.quality import evaluate_text
 
 FAMILIES = ("transformer", "mamba", "moe", "hybrid")
@@ -45,7 +46,6 @@ COLUMNS = (
     "perplexity", "tokenizer", "weights", "new_tokens", "repeats", "device", "device_name",
     "dtype", "path", "mamba_path", "profile", "torch_version", "transformers_version")
 _OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
-_TROUBLE = "See TROUBLESHOOTING.md, section"
 
 
 class CompareError(ValueError):
@@ -103,7 +103,7 @@ class StaticCacheDecoder:
 
         if attention_mask is not None or input_ids.shape[1] >= self.max_cache_len:
             raise CompareError(f"a static-cache prompt must be unpadded and shorter than "
-                               f"{self.max_cache_len} tokens; {_TROUBLE} 'Comparing models'.")
+                               f"{self.max_cache_len} tokens; {TROUBLE} 'Comparing models'.")
         if self._batch != input_ids.shape[0]:  # a cache's batch size is fixed at first use
             self.cache = StaticCache(config=self.module.config, max_cache_len=self.max_cache_len)
             self._batch = input_ids.shape[0]
@@ -168,7 +168,7 @@ def prompt_ids(tokenizer, text: str, length: int, batch_size: int) -> torch.Tens
     (batch_size, length) — every model reads the same prompt."""
     ids = torch.as_tensor(tokenizer(text)["input_ids"]).flatten()  # (N,)
     if ids.numel() == 0:
-        raise CompareError(f"the prompt text has no tokens; {_TROUBLE} 'Comparing models'.")
+        raise CompareError(f"the prompt text has no tokens; {TROUBLE} 'Comparing models'.")
     ids = ids.repeat(math.ceil(length / ids.numel()))[:length]
     return ids.expand(batch_size, length).clone()
 
@@ -276,7 +276,7 @@ def _shapes(contexts, batch_sizes, batch_contexts) -> tuple[tuple[int, int], ...
     values = contexts + batch_sizes + batch_contexts
     if not contexts or not batch_sizes or min(values) < 1:
         raise CompareError(f"contexts and batch sizes need positive values, got {contexts}, "
-                           f"{batch_sizes} and {batch_contexts}; {_TROUBLE} 'Comparing models'.")
+                           f"{batch_sizes} and {batch_contexts}; {TROUBLE} 'Comparing models'.")
     first = [(batch_sizes[0], c) for c in contexts]
     rest = [(b, c) for b in batch_sizes[1:] for c in batch_contexts]
     return tuple(dict.fromkeys(first + rest))
@@ -286,7 +286,7 @@ def _protocol(*, contexts, batch_sizes, batch_contexts, new_tokens, repeats, wei
               device, text, fallback, overrides, prof) -> Protocol:
     if new_tokens < 2 or repeats < 1:
         raise CompareError(f"need new_tokens >= 2 (the first comes from the prefill) and "
-                           f"repeats >= 1, got {new_tokens} and {repeats}; {_TROUBLE} "
+                           f"repeats >= 1, got {new_tokens} and {repeats}; {TROUBLE} "
                            "'Comparing models'.")
     return Protocol(_shapes(contexts, batch_sizes, batch_contexts), new_tokens, repeats,
                     weights or ("random" if prof.random_weights else "pretrained"), dtype,
@@ -309,7 +309,7 @@ def _measure_model(name: str, proto: Protocol, *, progress: bool):
                            overrides=proto.overrides)
     if lm.tokenizer is None:
         raise CompareError(f"{name} was loaded without a tokenizer, so it cannot read the "
-                           f"lab's text; {_TROUBLE} 'Missing data files'.")
+                           f"lab's text; {TROUBLE} 'Missing data files'.")
     model, tok = lm.model, lm.tokenizer
     arm = _Arm()
     if not proto.fallback and model.device.type == "cuda" and \
@@ -402,7 +402,7 @@ def combine(*tables):
     import pandas as pd
 
     if not tables:
-        raise CompareError(f"nothing to combine; {_TROUBLE} 'Comparing models'.")
+        raise CompareError(f"nothing to combine; {TROUBLE} 'Comparing models'.")
     df = pd.concat(tables, ignore_index=True)
     df.attrs = {**tables[0].attrs,
                 "skipped": [s for t in tables for s in t.attrs.get("skipped", [])],
@@ -441,11 +441,11 @@ def load_results(path):
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CompareError(f"cannot read a results table from {path}: {exc}. {_TROUBLE} "
+        raise CompareError(f"cannot read a results table from {path}: {exc}. {TROUBLE} "
                            "'Comparing models'.") from exc
     if doc.get("format") != FORMAT:
         raise CompareError(f"{path} is not a table written by effarch.compare.save_results "
-                           f"(format {doc.get('format')!r}); {_TROUBLE} 'Comparing models'.")
+                           f"(format {doc.get('format')!r}); {TROUBLE} 'Comparing models'.")
     df = pd.DataFrame({c: pd.Series(v, dtype=_dtype(doc["dtypes"][c]))
                        for c, v in doc["columns"].items()})
     df.index = pd.Index(doc["index"])
@@ -500,7 +500,7 @@ def _rates(table, model: str, batch_size: int):
     rows = table[(table["model"] == model) & (table["batch_size"] == batch_size)]
     if rows.empty:
         raise CompareError(f"no measured rows of {model!r} at batch size {batch_size}; models in "
-                           f"the table: {sorted(set(table['model']))}. {_TROUBLE} "
+                           f"the table: {sorted(set(table['model']))}. {TROUBLE} "
                            "'Comparing models'.")
     return rows.set_index("context")["decode_tok_s"].sort_index()
 
@@ -515,7 +515,7 @@ def decode_crossover(table, challenger: str, incumbent: str, *,
     if len(common) < 2:
         raise CompareError(f"{challenger} and {incumbent} share {len(common)} measured context(s) "
                            f"at batch size {batch_size}; a crossover needs at least two. "
-                           f"{_TROUBLE} 'Comparing models'.")
+                           f"{TROUBLE} 'Comparing models'.")
     ctx = [int(c) for c in common]
     gaps = tuple(float(a[c] - b[c]) for c in ctx)
     at = crossover_context(ctx, a[common].tolist(), b[common].tolist())

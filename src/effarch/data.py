@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from effarch import paths
+from effarch.paths import TROUBLE
 
 SPLITS = ("train", "validation")
 DOMAINS = ("code", "prose", "arithmetic", "structured")
 DOC_SEPARATOR = "\n\n"
 EOS_TOKEN = "<|endoftext|>"
 _HELP = "See TROUBLESHOOTING.md, section 'Missing data files'."
-TROUBLE = "See TROUBLESHOOTING.md, section"
 
 
 class MissingDataError(FileNotFoundError):

@@ -18,8 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from effarch import backends, compat
-
-TROUBLE = "See TROUBLESHOOTING.md, section"
+from effarch.paths import TROUBLE
 
 
 @runtime_checkable

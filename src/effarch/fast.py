@@ -36,10 +36,10 @@ import torch
 
 from effarch.backends import is_mamba_mixer
 from effarch.mixer import conv_tail, mixer_prefill, mixer_step
+from effarch.paths import TROUBLE
 from effarch.ssm import prepare_delta, readout, selective_scan_ref
 
 BACKENDS = ("auto", "triton", "chunked", "reference")
-TROUBLE = "See TROUBLESHOOTING.md, section"
 
 
 @functools.lru_cache(maxsize=1)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from effarch import backends, bench, paths
+from effarch.paths import TROUBLE
 
 DEFAULT_TARGETS = ("in_proj", "x_proj")
 """The mixer's linear layers that are called as modules on transformers' PyTorch path."""
@@ -41,7 +42,6 @@ PEFT_REFUSES = ("out_proj", "conv1d")
 """PEFT raises for these on Mamba-family models (since huggingface/peft PR #2562, for issue
 #2556): fused kernels pass their raw weights, bypassing an adapter's forward."""
 MAX_NEW_TOKENS = 32
-TROUBLE = "See TROUBLESHOOTING.md, section"
 IGNORE_INDEX = -100  # labels the loss skips (PyTorch's cross-entropy default)
 
 

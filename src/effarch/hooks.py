@@ -26,9 +26,8 @@ from effarch import compat
 from effarch.compat import has_previous_state, mixer_inputs
 from effarch.decoding import TransformersDecoder, inference
 from effarch.mixer import mixer_prefill
+from effarch.paths import TROUBLE
 from effarch.ssm import selective_scan_ref, selective_scan_states
-
-TROUBLE = "See TROUBLESHOOTING.md, section"
 
 __all__ = ["DecodeStep", "SSMCapture", "SSMTrace", "capture_mixer_inputs", "capture_ssm",
            "find_ssm_mixers", "recompute_mixer", "record_decode_step", "scan_arguments"]

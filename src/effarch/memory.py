@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from effarch import compat
+from effarch.paths import TROUBLE
 
 GiB = 1024**3
-TROUBLE = "See TROUBLESHOOTING.md, section"
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
                 "float64": 8, "int8": 1, "uint8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,

@@ -38,8 +38,7 @@ import torch
 
 from effarch import data, memory, registry
 from effarch.memory import MOE_FAMILIES, ParamCount  # noqa: F401  (the labs' names for them)
-
-TROUBLE = "See TROUBLESHOOTING.md, section"
+from effarch.paths import TROUBLE
 
 # ============================================================================ parameter counts
 

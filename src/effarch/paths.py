@@ -1,4 +1,5 @@
-"""Where the course's files are: the repository's root, ``data/`` and the tiny zoo.
+"""Where the course's files are: the repository's root, ``data/`` and the tiny zoo; ``TROUBLE``, the
+prefix with which errors name their TROUBLESHOOTING.md section.
 
 ``EFFARCH_ROOT`` overrides the root (for an installed, non-editable copy of the package).
 Nothing is read at import.
@@ -8,6 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+# How every user-fixable error names its TROUBLESHOOTING.md section: TROUBLE, then the section's
+# title in single quotes.
+TROUBLE = "See TROUBLESHOOTING.md, section"
 
 
 def repo_root() -> Path:

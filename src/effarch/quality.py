@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from effarch import bench
 from effarch.decoding import Decoder, TransformersDecoder, as_decoder, inference
-
-TROUBLE = "See TROUBLESHOOTING.md, section"
+from effarch.paths import TROUBLE
 
 
 @dataclass

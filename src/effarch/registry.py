@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from effarch import paths
+from effarch.paths import TROUBLE
 
-TROUBLE = "See TROUBLESHOOTING.md, section"
 ZOO_NAMES = ("tiny-mamba", "tiny-transformer", "tiny-moe", "tiny-hybrid")
 ROLES = ("mamba", "transformer", "moe", "hybrid")
 

@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from effarch import paths
-
-TROUBLE = "See TROUBLESHOOTING.md, section"
+from effarch.paths import TROUBLE
 
 RUNS_FILE = "full_profile_runs.jsonl"
 LAB_PATTERN = re.compile(r"lab-(2\.4\.\d)-(.+?)(?:-solution)?\.ipynb$")

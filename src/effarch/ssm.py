@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-TROUBLE = "See TROUBLESHOOTING.md, section"
+from effarch.paths import TROUBLE
 
 __all__ = [
     "associative_scan",

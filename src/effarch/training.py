@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from effarch import backends, data, moe, zoo
-
-TROUBLE = "See TROUBLESHOOTING.md, section"
+from effarch.paths import TROUBLE
 
 LOG_FIELDS = ("step", "tokens", "train_loss", "aux_loss", "val_loss", "lr", "elapsed_s")
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from effarch import data, memory, paths, quality
+from effarch.paths import TROUBLE
 from effarch.registry import ZOO_NAMES
-
-TROUBLE = "See TROUBLESHOOTING.md, section"
 
 CONFIG_NAME = "zoo_config.json"
 TRAIN_ORDER = ("tiny-transformer", "tiny-moe", "tiny-hybrid", "tiny-mamba")  # fastest first
