@@ -314,6 +314,8 @@ def test_triton_backward_on_gpu_matches_reference(dtype, length, reverse):
     for k in want:
         if dtype == torch.float32:
             torch.testing.assert_close(got[k], want[k], atol=1e-3, rtol=1e-3)
+        elif want[k].abs().max() == 0:  # e.g. A at length 1: no earlier state to decay
+            assert got[k].float().abs().max() < 1e-4, (k, got[k].abs().max().item())
         else:
             err = (got[k].float() - want[k].float()).norm() / want[k].float().norm()
             assert err < 2e-2, (k, err.item())
