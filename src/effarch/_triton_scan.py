@@ -175,6 +175,142 @@ def selective_scan_kernel(
             )
 
 
+# --- the sequential-in-time scan: one step at a time, UNROLL steps' loads issued together ------
+
+_SEQ_CONFIGS = [triton.Config({"BLOCK_D": bd, "UNROLL": un}, num_warps=w)
+                for bd, un, w in [(32, 8, 2), (32, 16, 4), (64, 8, 4), (64, 16, 4), (16, 16, 2),
+                                  (128, 8, 4), (64, 8, 8), (16, 8, 1)]]
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _SEQ_CONFIGS = [triton.Config({"BLOCK_D": 8, "UNROLL": 4}, num_warps=4)]
+
+
+@triton.autotune(configs=_SEQ_CONFIGS, key=["Dm", "N", "MODE"])
+@triton.jit
+def selective_scan_seq_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, h0_ptr,
+    stats_ptr, L, Dm, N, CHUNK, NCHUNK,
+    s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+    s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    STORE_LAST: tl.constexpr, MODE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """The scan of ``selective_scan_kernel`` (same arguments, same MODEs), walked one step at a
+    time: the state (BLOCK_D, n) stays in registers and each step is an exponential and two
+    multiply-adds per state element, with no log-depth combining. The loop body covers UNROLL
+    steps whose loads do not depend on the state, so they are issued together and their latency
+    is paid once per UNROLL steps. Channel-contiguous inputs ((b, l, d) memory, what the
+    projections write) make each step's loads of u, Δ, z and stores of y contiguous."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    l_start = pid_c * CHUNK
+    l_end = tl.minimum(L, l_start + CHUNK)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    m_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=m_dn,
+                other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    chunk_off = ((pid_b * NCHUNK + pid_c) * Dm + offs_d[:, None]) * N + offs_n[None, :]
+    if MODE == 2:
+        h = tl.load(h0_ptr + chunk_off, mask=m_dn, other=0.0)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    u_row = u_ptr + pid_b * s_ub + offs_d * s_ud
+    t_row = dt_ptr + pid_b * s_tb + offs_d * s_td
+    z_row = z_ptr + pid_b * s_zb + offs_d * s_zd
+    o_row = out_ptr + pid_b * s_ob + offs_d * s_od
+    B_row = B_ptr + pid_b * s_Bb + offs_n * s_Bn
+    C_row = C_ptr + pid_b * s_Cb + offs_n * s_Cn
+    for l0 in range(l_start, l_end, UNROLL):
+        for i in tl.static_range(UNROLL):
+            t = l0 + i
+            m = mask_d & (offs_d * 0 + t < l_end)  # a vector: the interpreter wants one
+            m_n = mask_n & (offs_n * 0 + t < l_end)
+            u = tl.load(u_row + t * s_ul, mask=m, other=0.0).to(tl.float32)
+            dt = tl.load(t_row + t * s_tl, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt = dt + bias
+            if SOFTPLUS:
+                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+            dt = tl.where(m, dt, 0.0)  # steps past the end: Ā = 1, B̄u = 0
+            Bv = tl.load(B_row + t * s_Bl, mask=m_n, other=0.0).to(tl.float32)
+            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bv[None, :]
+            if MODE == 1:
+                dt_sum += dt
+            else:
+                Cv = tl.load(C_row + t * s_Cl, mask=m_n, other=0.0).to(tl.float32)
+                y = tl.sum(h * Cv[None, :], axis=1)
+                if HAS_D:
+                    y += Dv * u
+                if HAS_Z:
+                    zz = tl.load(z_row + t * s_zl, mask=m, other=0.0).to(tl.float32)
+                    y = y * zz * tl.sigmoid(zz)
+                tl.store(o_row + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=m)
+    if MODE == 1:
+        half = tl.num_programs(0) * NCHUNK * Dm * N
+        tl.store(stats_ptr + chunk_off, h, mask=m_dn)
+        tl.store(stats_ptr + half + chunk_off, tl.exp(A * dt_sum[:, None]), mask=m_dn)
+    elif STORE_LAST:
+        if pid_c == NCHUNK - 1:
+            tl.store(last_ptr + pid_b * Dm * N + offs_d[:, None] * N + offs_n[None, :], h,
+                     mask=m_dn)
+
+
+@triton.jit
+def scan_chain_kernel(stats_ptr, h0_ptr, NCHUNK, DN, BLOCK: tl.constexpr):
+    """Each chunk's first state from the chunks before it: h0[0] = 0,
+    h0[c] = decay[c-1]·h0[c-1] + end[c-1]. stats (2, b, chunks, d·n), h0 (b, chunks, d·n)."""
+    pid_b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < DN
+    half = tl.num_programs(0) * NCHUNK * DN
+    h = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(0, NCHUNK):
+        base = (pid_b * NCHUNK + c) * DN + offs
+        tl.store(h0_ptr + base, h, mask=m)
+        h = tl.load(stats_ptr + half + base, mask=m, other=0.0) * h + tl.load(
+            stats_ptr + base, mask=m, other=0.0)
+
+
+# --- prefill: the causal depthwise convolution and its activation, one kernel -----------------
+
+
+@triton.jit
+def causal_conv1d_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, Dm, s_xb, s_xl, s_xd, s_ob, s_ol,
+                              s_od, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t] = silu(Σ_j w[j]·x[t-K+1+j] + bias) per channel, x zero before the start: what
+    ``F.conv1d(x, w, bias, padding=K-1, groups=d)[..., :L]`` and the activation compute, the
+    convolution's output rounded to its dtype before the activation as there. x, out: (b, l, d)
+    by strides; w: (d, 1, K) contiguous."""
+    pid_b = tl.program_id(0)
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < Dm
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(K):
+        src = offs_l - (K - 1) + j
+        m = ((src >= 0) & (src < L))[:, None] & mask_d[None, :]
+        xv = tl.load(x_ptr + pid_b * s_xb + src[:, None] * s_xl + offs_d[None, :] * s_xd, mask=m,
+                     other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_d * K + j, mask=mask_d, other=0.0).to(tl.float32)
+        acc += xv * w[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+    m_out = (offs_l < L)[:, None] & mask_d[None, :]
+    tl.store(out_ptr + pid_b * s_ob + offs_l[:, None] * s_ol + offs_d[None, :] * s_od,
+             (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty), mask=m_out)
+
+
 # --- backward: a reverse scan over the same tiles -------------------------------------------
 
 # Tile shapes for the backward. Its tiles hold more live (BD, BN, BL) tensors than the forward's
@@ -425,24 +561,90 @@ def conv_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, Dm, s_xz,
 
 
 @triton.jit
+def conv_xproj_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, xw_ptr, part_ptr, Dm, E,
+                           s_xz, K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    """``conv_step_kernel`` followed by this block's share of ``x_proj``: part[row, block] =
+    W_x[:, block] · u[block] in float32, (b, blocks, E); ``ssm_step_kernel`` sums the blocks in a
+    fixed order (no atomics: the same sums every run). One launch instead of the convolution,
+    the matrix-vector product and cuBLAS's split-K reduction."""
+    row = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_d = offs_d < Dm
+    base = state_ptr + row * Dm * K + offs_d[:, None] * K
+    shifted = tl.load(base + offs_k[None, :] + 1,
+                      mask=mask_d[:, None] & (offs_k[None, :] + 1 < K), other=0.0)
+    x = tl.load(xz_ptr + row * s_xz + offs_d, mask=mask_d, other=0.0)
+    new = tl.where(offs_k[None, :] == K - 1, x[:, None], shifted)
+    mask_dk = mask_d[:, None] & (offs_k[None, :] < K)
+    tl.store(base + offs_k[None, :], new, mask=mask_dk)
+    w = tl.load(w_ptr + offs_d[:, None] * K + offs_k[None, :], mask=mask_dk, other=0.0)
+    acc = tl.sum(new.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+    u = (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * Dm + offs_d, u, mask=mask_d)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    wx = tl.load(xw_ptr + offs_e[:, None] * Dm + offs_d[None, :],
+                 mask=mask_e[:, None] & mask_d[None, :], other=0.0)
+    part = tl.sum(wx.to(tl.float32) * u.to(tl.float32)[None, :], axis=1)
+    tl.store(part_ptr + (row * tl.num_programs(1) + pid_d) * E + offs_e, part, mask=mask_e)
+
+
+@triton.jit
+def _x_proj_sum(part_ptr, row, NP, E, offs, mask, BLOCK_P: tl.constexpr):
+    """Σ over the NP blocks' partial x_proj outputs at columns ``offs`` (fixed order)."""
+    acc = tl.zeros(offs.shape, dtype=tl.float32)
+    for p0 in range(0, NP, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        acc += tl.sum(tl.load(part_ptr + (row * NP + offs_p[:, None]) * E + offs[None, :],
+                              mask=(offs_p < NP)[:, None] & mask[None, :], other=0.0), axis=0)
+    return acc
+
+
+@triton.jit
 def ssm_step_kernel(x_ptr, z_ptr, dbc_ptr, wdt_ptr, bdt_ptr, A_ptr, Dp_ptr, state_ptr, out_ptr,
-                    Dm, R, N, s_z, s_dbc,
-                    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dt = softplus(W_dt · dt_low + b); h = exp(dt·A)·h + dt·x·B; y = (C·h + D·x)·silu(z)."""
+                    dtr_ptr, Dm, R, N, s_z, s_dbc, NP,
+                    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PARTS: tl.constexpr, DT_READY: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dt = softplus(W_dt · dt_low + b); h = exp(dt·A)·h + dt·x·B; y = (C·h + D·x)·silu(z).
+
+    dt_low, B, C: x_proj's output row (b, r + 2n) in the model's dtype, or with PARTS the sum of
+    ``conv_xproj_step_kernel``'s NP float32 partial outputs (b, NP, r + 2n), rounded to the model's
+    dtype as x_proj's output is. DT_READY: W_dt · dt_low was computed already (a matrix product
+    over the whole batch, ``dtr_ptr`` (b, d)); otherwise each program computes its channels'."""
     row = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d, mask_r, mask_n = offs_d < Dm, offs_r < R, offs_n < N
-    low = tl.load(dbc_ptr + row * s_dbc + offs_r, mask=mask_r, other=0.0)
-    wdt = tl.load(wdt_ptr + offs_d[:, None] * R + offs_r[None, :],
-                  mask=mask_d[:, None] & mask_r[None, :], other=0.0)
-    dt = tl.sum(wdt.to(tl.float32) * low.to(tl.float32)[None, :], axis=1)
-    dt = dt.to(low.dtype).to(tl.float32)  # dt_proj's output dtype
+    rnd = out_ptr.dtype.element_ty
+    if PARTS:
+        Bv = _x_proj_sum(dbc_ptr, row, NP, s_dbc, R + offs_n, mask_n, BLOCK_P)
+        Cv = _x_proj_sum(dbc_ptr, row, NP, s_dbc, R + N + offs_n, mask_n, BLOCK_P)
+        Bv, Cv = Bv.to(rnd).to(tl.float32), Cv.to(rnd).to(tl.float32)
+    else:
+        Bv = tl.load(dbc_ptr + row * s_dbc + R + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        Cv = tl.load(dbc_ptr + row * s_dbc + R + N + offs_n, mask=mask_n,
+                     other=0.0).to(tl.float32)
+    if DT_READY:
+        dt = tl.load(dtr_ptr + row * Dm + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        if PARTS:
+            low = _x_proj_sum(dbc_ptr, row, NP, s_dbc, offs_r, mask_r, BLOCK_P)
+            low = low.to(rnd).to(tl.float32)
+        else:
+            low = tl.load(dbc_ptr + row * s_dbc + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        wdt = tl.load(wdt_ptr + offs_d[:, None] * R + offs_r[None, :],
+                      mask=mask_d[:, None] & mask_r[None, :], other=0.0)
+        dt = tl.sum(wdt.to(tl.float32) * low[None, :], axis=1)
+        dt = dt.to(rnd).to(tl.float32)  # dt_proj's output dtype
     dt += tl.load(bdt_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-    Bv = tl.load(dbc_ptr + row * s_dbc + R + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    Cv = tl.load(dbc_ptr + row * s_dbc + R + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + row * Dm + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0)

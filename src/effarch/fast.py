@@ -149,26 +149,23 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # --- the Triton scan -------------------------------------------------------------------------
 
 
-def _triton_kernel():
-    """The kernel, imported on first use: importing this module never needs Triton."""
-    from effarch._triton_scan import selective_scan_kernel
-
-    return selective_scan_kernel
-
-
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           delta_softplus=False, return_last_state=False, *,
-                          chunk: int | None = None):
+                          chunk: int | None = None, kernel: str | None = None):
     """The Triton scan (forward only; tile shape autotuned on first use). B, C: (b, n, l).
 
-    ``chunk`` (a multiple of 64) cuts the sequence into chunks scanned in parallel, then
-    chained. Default: one pass. On an H200 (Mamba-2.8B, 4K and 16K tokens) chunks of 1,024 were
-    ~15% slower than one pass (data/measurements): the scan is bound by its arithmetic, not by
-    too few programs.
+    Two kernels compute it (``kernel``; None picks by the inputs' memory layout):
+    - ``"seq"``, for channel-contiguous inputs (views of (b, l, d) memory, as the projections
+      write them, ``u.stride(1) == 1``): one step at a time per block of channels, the state in
+      registers, each step's loads contiguous. Its sequence is cut into chunks scanned in
+      parallel, then chained, so that there are enough programs for the GPU (``seq_chunks``).
+    - ``"tile"``, for time-contiguous inputs ((b, d, l) memory): tiles of steps, each scanned with
+      the associative operator; one pass over the sequence unless ``chunk`` is given.
+    ``chunk`` (steps per chunk) overrides the chunking of either kernel.
     """
     if not triton_available():
         raise RuntimeError("Triton is not installed; use backend='chunked'. "
@@ -177,9 +174,15 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         raise ValueError(f"the Triton scan runs on CUDA tensors (or anywhere under "
                          f"TRITON_INTERPRET=1), not on {u.device.type}: use backend='chunked'. "
                          f"{TROUBLE} 'Fast path arguments'.")
+    if kernel not in (None, "seq", "tile"):
+        raise ValueError(f"kernel must be 'seq', 'tile' or None, not {kernel!r}. "
+                         f"{TROUBLE} 'Fast path arguments'.")
     b, d, length = u.shape
     n = A.shape[-1]
-    chunk = chunk or max(length, 1)
+    kernel = kernel or ("seq" if u.stride(1) == 1 and d > 1 else "tile")
+    if chunk is None:
+        chunk = _cdiv(length, seq_chunks(b, d, length, u.device)) if kernel == "seq" else length
+    chunk = max(chunk, 1)
     n_chunks = _cdiv(length, chunk)
     out = torch.empty_like(u)
     last = u.new_empty((b, d, n), dtype=torch.float32) if return_last_state else out
@@ -193,17 +196,29 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                  SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
                  BLOCK_N=_next_pow2(n))
     grid = lambda meta: (b, _cdiv(d, meta["BLOCK_D"]), n_chunks)  # noqa: E731
-    kernel = _triton_kernel()
+    from effarch import _triton_scan as tk
+
+    kern = tk.selective_scan_seq_kernel if kernel == "seq" else tk.selective_scan_kernel
     if n_chunks == 1:
-        kernel[grid](*args, dummy, dummy, *sizes, MODE=0, **flags)
+        kern[grid](*args, dummy, dummy, *sizes, MODE=0, **flags)
     else:
         stats = u.new_empty((2, b, n_chunks, d, n), dtype=torch.float32)
-        kernel[grid](*args, dummy, stats, *sizes, MODE=1, **flags)
-        h0 = torch.zeros_like(stats[0])                     # (b, chunks, d, n)
-        for c in range(1, n_chunks):  # chain: h0[c] = decay[c-1] · h0[c-1] + end[c-1]
-            torch.addcmul(stats[0][:, c - 1], stats[1][:, c - 1], h0[:, c - 1], out=h0[:, c])
-        kernel[grid](*args, h0, dummy, *sizes, MODE=2, **flags)
+        kern[grid](*args, dummy, stats, *sizes, MODE=1, **flags)
+        h0 = torch.empty_like(stats[0])                     # (b, chunks, d, n)
+        block = 1024
+        tk.scan_chain_kernel[(b, _cdiv(d * n, block))](stats, h0, n_chunks, d * n, BLOCK=block)
+        kern[grid](*args, h0, dummy, *sizes, MODE=2, **flags)
     return (out, last) if return_last_state else out
+
+
+def seq_chunks(b: int, d: int, length: int, device: torch.device) -> int:
+    """How many chunks the "seq" kernel cuts a sequence into: enough for about 8 programs of
+    32 channels per multiprocessor, none shorter than 512 steps (the chain costs a pass over the
+    states per chunk). One where there are programs enough already, and under the interpreter."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(_cdiv(8 * sms, b * _cdiv(d, 32)), length // 512))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -449,7 +464,8 @@ class MambaFastGenerator:
     """
 
     def __init__(self, model, *, use_graph: bool | None = None, backend: str = "auto",
-                 kernels: bool | None = None):
+                 kernels: bool | None = None, fused_prefill: bool | None = None,
+                 fuse_xproj_max_batch: int = 4, dt_matmul_min_batch: int = 8):
         cfg = model.config
         # FalconMamba's mixer normalises dt, B and C after the split, which this path does not
         if getattr(cfg, "model_type", "") != "mamba":
@@ -467,6 +483,15 @@ class MambaFastGenerator:
         # the fused step keeps the residual in float32, as Mamba's configs ask (residual_in_fp32)
         fused_ok = _triton_runs(self.device) and cfg.residual_in_fp32
         self.kernels = fused_ok if kernels is None else kernels
+        # prefill in Triton kernels over (b, l, d) memory; the scan through the "auto" backend
+        self.fused_prefill = (self.kernels and backend in ("auto", "triton")
+                              if fused_prefill is None else fused_prefill)
+        # decode batches up to this size fuse x_proj into the convolution's kernel; from
+        # dt_matmul_min_batch rows, dt_proj runs as one matrix product for the whole batch
+        plain = lambda m: type(m) is torch.nn.Linear and m.bias is None  # noqa: E731
+        self.fuse_xproj_max_batch = (fuse_xproj_max_batch if all(
+            plain(blk.mixer.x_proj) for blk in self.layers) else 0)
+        self.dt_matmul_min_batch = dt_matmul_min_batch
         self._A = [-torch.exp(blk.mixer.A_log.float()) for blk in self.layers]
         self._batch = None
         self._graph = None
@@ -477,7 +502,8 @@ class MambaFastGenerator:
             "CUDA graph" if self.use_graph else "eager")
         scan = self.backend if self.backend != "auto" else (
             "triton" if _triton_runs(self.device) else "chunked")
-        return f"effarch fast path ({scan} scan prefill, {step} decode)"
+        fused = "fused Triton " if self.fused_prefill else ""
+        return f"effarch fast path ({scan} scan {fused}prefill, {step} decode)"
 
     def _allocate(self, batch: int) -> None:
         n_layers, dev = len(self.layers), self.device
@@ -527,6 +553,8 @@ class MambaFastGenerator:
         b, length = input_ids.shape
         if self._batch != b:
             self._allocate(b)
+        if self.fused_prefill:
+            return self._prefill_kernels(input_ids, all_logits)
         h = self.model.backbone.embeddings(input_ids.to(self.device))     # (b, l, H)
         for i, blk in enumerate(self.layers):
             x = _rms_norm(h, blk.norm.weight, self.eps)
@@ -534,6 +562,53 @@ class MambaFastGenerator:
             h = res + self._mixer_prefill(i, blk.mixer, x)
         h = _rms_norm(h if all_logits else h[:, -1], self.model.backbone.norm_f.weight, self.eps)
         return self.model.lm_head(h.to(self.dtype)).float()
+
+    def _prefill_kernels(self, input_ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """:meth:`prefill` over (b·l, ·) rows in the projections' own layout: per layer one
+        Triton kernel adds the residual and normalises, the causal convolution and its
+        activation are one kernel, the scan reads u, Δ, z, B and C where the projections wrote
+        them and writes y where ``out_proj`` reads it. No transposes, casts or copies between."""
+        from effarch import _triton_scan as tk
+
+        b, length = input_ids.shape
+        rows, H, d, r, n = b * length, self.cfg.hidden_size, self.d_inner, self.rank, self.n
+        h = self.model.backbone.embeddings(input_ids.to(self.device)).float().view(rows, H)
+        x = torch.empty(rows, H, device=self.device, dtype=self.dtype)
+        u = torch.empty(b, length, d, device=self.device, dtype=self.dtype)
+        y = torch.empty_like(u)
+        delta = None
+        bl, bd = 32, 64
+        conv_grid = (b, _cdiv(length, bl), _cdiv(d, bd))
+        for i, blk in enumerate(self.layers):
+            mx = blk.mixer
+            tk.add_rmsnorm_kernel[(rows,)](h, delta if delta is not None else h, blk.norm.weight,
+                                           x, H, self.eps, HAS_DELTA=delta is not None,
+                                           BLOCK_H=_next_pow2(H))
+            xz = mx.in_proj(x).view(b, length, 2 * d)                      # (b, l, 2d)
+            xs = xz[..., :d]
+            bias = mx.conv1d.bias
+            tk.causal_conv1d_silu_kernel[conv_grid](
+                xs, mx.conv1d.weight, bias if bias is not None else xs, u, length, d,
+                *xs.stride(), *u.stride(), K=self.k, HAS_BIAS=bias is not None, BLOCK_L=bl,
+                BLOCK_D=bd)
+            dbc = mx.x_proj(u.view(rows, d)).view(b, length, r + 2 * n)     # (b, l, r + 2n)
+            dt = torch.nn.functional.linear(dbc[..., :r], mx.dt_proj.weight)  # (b, l, d)
+            out, last = selective_scan(
+                u.transpose(1, 2), dt.transpose(1, 2), self._A[i],
+                dbc[..., r:r + n].transpose(1, 2), dbc[..., r + n:].transpose(1, 2),
+                D=mx.D.float(), z=xz[..., d:].transpose(1, 2),
+                delta_bias=mx.dt_proj.bias.float() if mx.dt_proj.bias is not None else None,
+                delta_softplus=True, return_last_state=True, backend=self.backend)
+            self.conv[i].copy_(conv_tail(xs.transpose(1, 2), self.k))
+            self.ssm[i].copy_(last)
+            delta = mx.out_proj(out.transpose(1, 2).reshape(rows, d))      # (b·l, H)
+        if all_logits:
+            tk.add_rmsnorm_kernel[(rows,)](h, delta, self.model.backbone.norm_f.weight, x, H,
+                                           self.eps, HAS_DELTA=True, BLOCK_H=_next_pow2(H))
+            return self.model.lm_head(x.view(b, length, H)).float()
+        last_rows = (h.view(b, length, H)[:, -1] + delta.view(b, length, H)[:, -1].float())
+        hn = _rms_norm(last_rows, self.model.backbone.norm_f.weight, self.eps)
+        return self.model.lm_head(hn.to(self.dtype)).float()
 
     def all_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Every position's logits (b, l, V) (``effarch.decoding.Decoder``)."""
@@ -561,16 +636,25 @@ class MambaFastGenerator:
         return self.model.lm_head(h.to(self.dtype)).float()
 
     def _step_kernels(self) -> torch.Tensor:
-        """The same step as :meth:`_step` in three Triton kernels a layer, plus the GEMVs."""
+        """The same step as :meth:`_step` in Triton kernels plus the matrix products, per layer:
+        add the residual and normalise; ``in_proj``; the convolution step (with ``x_proj`` fused
+        into it for batches up to ``fuse_xproj_max_batch`` rows, else cuBLAS's ``x_proj``); the
+        SSM step (``dt_proj`` inside it, or for ``dt_matmul_min_batch`` rows and more one matrix
+        product before it); ``out_proj``."""
         from effarch import _triton_scan as tk
 
-        b, H = self.token.shape[0], self.cfg.hidden_size
+        b, H, d = self.token.shape[0], self.cfg.hidden_size, self.d_inner
         h = self.model.backbone.embeddings(self.token).float()              # (b, H) residual
         x = torch.empty(b, H, device=self.device, dtype=self.dtype)
-        xs = torch.empty(b, self.d_inner, device=self.device, dtype=self.dtype)
+        xs = torch.empty(b, d, device=self.device, dtype=self.dtype)
         y = torch.empty_like(xs)
         bd, delta = 64, None
-        grid = (b, -(-self.d_inner // bd))
+        grid = (b, -(-d // bd))
+        e = self.rank + 2 * self.n
+        fuse = b <= self.fuse_xproj_max_batch
+        if fuse:
+            parts = torch.empty(b, grid[1], e, device=self.device, dtype=torch.float32)
+        dt_ready = b >= self.dt_matmul_min_batch and not fuse
         for i, blk in enumerate(self.layers):
             mx = blk.mixer
             tk.add_rmsnorm_kernel[(b,)](h, delta if delta is not None else h, blk.norm.weight, x,
@@ -578,16 +662,24 @@ class MambaFastGenerator:
                                         BLOCK_H=_next_pow2(H))
             xz = mx.in_proj(x)                                               # (b, 2d)
             bias = mx.conv1d.bias
-            tk.conv_step_kernel[grid](xz, self.conv[i], mx.conv1d.weight, bias if bias is not None
-                                      else xz, xs, self.d_inner, xz.stride(0), K=self.k,
-                                      HAS_BIAS=bias is not None, BLOCK_D=bd,
-                                      BLOCK_K=_next_pow2(self.k))
-            dbc = mx.x_proj(xs)                                              # (b, r + 2n)
-            tk.ssm_step_kernel[grid](xs, xz[:, self.d_inner:], dbc, mx.dt_proj.weight,
-                                     mx.dt_proj.bias, self._A[i], mx.D, self.ssm[i], y,
-                                     self.d_inner, self.rank, self.n, xz.stride(0),
-                                     dbc.stride(0), BLOCK_D=bd, BLOCK_R=_next_pow2(self.rank),
-                                     BLOCK_N=_next_pow2(self.n))
+            conv_args = (xz, self.conv[i], mx.conv1d.weight, bias if bias is not None else xz, xs)
+            conv_flags = dict(K=self.k, HAS_BIAS=bias is not None, BLOCK_D=bd,
+                              BLOCK_K=_next_pow2(self.k))
+            if fuse:
+                tk.conv_xproj_step_kernel[grid](*conv_args, mx.x_proj.weight, parts, d, e,
+                                                xz.stride(0), BLOCK_E=_next_pow2(e), **conv_flags)
+                dbc, s_dbc, n_parts = parts, e, grid[1]
+            else:
+                tk.conv_step_kernel[grid](*conv_args, d, xz.stride(0), **conv_flags)
+                dbc = mx.x_proj(xs)                                          # (b, r + 2n)
+                s_dbc, n_parts = dbc.stride(0), 1
+            dtr = (torch.nn.functional.linear(dbc[:, :self.rank], mx.dt_proj.weight)
+                   if dt_ready else xs)                                      # (b, d)
+            tk.ssm_step_kernel[grid](xs, xz[:, d:], dbc, mx.dt_proj.weight, mx.dt_proj.bias,
+                                     self._A[i], mx.D, self.ssm[i], y, dtr, d, self.rank, self.n,
+                                     xz.stride(0), s_dbc, n_parts, BLOCK_D=bd,
+                                     BLOCK_R=_next_pow2(self.rank), BLOCK_N=_next_pow2(self.n),
+                                     PARTS=fuse, DT_READY=dt_ready, BLOCK_P=16)
             delta = mx.out_proj(y)
         tk.add_rmsnorm_kernel[(b,)](h, delta, self.model.backbone.norm_f.weight, x, H, self.eps,
                                     HAS_DELTA=True, BLOCK_H=_next_pow2(H))
