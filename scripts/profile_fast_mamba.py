@@ -2,7 +2,7 @@
 """Where the fast Mamba path spends its GPU time: torch.profiler kernel tables of one prefill and
 of one decode step at batch 1 and 32 (Mamba-2.8B's real config, random weights, bf16).
 
-    PYTHONPATH=src python scripts/profile_fast_mamba.py --out data/measurements/profile_h100
+    PYTHONPATH=src python scripts/profile_fast_mamba.py --out /tmp/profile   # /tmp/profile.txt, .json
 
 Writes ``<out>.txt`` (the tables) and ``<out>.json`` (every figure). Per profiled region:
 - every kernel with its device time per call and in total, grouped into kinds (matrix products,
@@ -46,12 +46,6 @@ def kind_of(name: str) -> str:
         if re.search(pat, name, re.IGNORECASE):
             return kind
     return "other"
-
-
-def best_copy_bandwidth(device: str, sizes=(2**30, 2**31, 2**32)) -> tuple[float, dict]:
-    """The best of several large copies' bandwidth (read + written), and each one's."""
-    each = {f"{s / 2**30:.0f} GiB": bench.copy_bandwidth(device, nbytes=s) for s in sizes}
-    return max(each.values()), each
 
 
 def kernel_rows(prof) -> list[dict]:
@@ -162,7 +156,7 @@ def main(argv=None) -> int:
         return 2
     dev = "cuda"
     o = Out()
-    bw, each = best_copy_bandwidth(dev)
+    bw, each = bench.copy_bandwidth_best(dev)
     o.p(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     o.p("roofline bandwidth: best of large device-to-device copies (read + written): "
         f"{bw / 1e12:.2f} TB/s; each: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in each.items()))

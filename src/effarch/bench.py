@@ -218,6 +218,13 @@ def copy_bandwidth(device, *, nbytes: int | None = None) -> float:
     return 2 * nbytes / t.median
 
 
+def copy_bandwidth_best(device, sizes=(2**30, 2**31, 2**32)) -> tuple[float, dict[str, float]]:
+    """The best of several large copies' :func:`copy_bandwidth` (read + written), and each one's
+    (keyed "1 GiB", ...): a conservative roofline, as a kernel can rarely beat a plain copy."""
+    each = {f"{s / 2**30:g} GiB": copy_bandwidth(device, nbytes=s) for s in sizes}
+    return max(each.values()), each
+
+
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
             device=None) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` calls each synchronised on both
