@@ -177,11 +177,15 @@ def selective_scan_kernel(
 
 # --- the sequential-in-time scan: one step at a time, UNROLL steps' loads issued together ------
 
+# One channel per thread (BLOCK_D = 32 · num_warps, or two per thread): each thread holds its
+# channels' whole state (n values), so the readout C·h sums inside the thread and Δ, u, z are
+# computed once per channel, not once per (channel, state) lane.
 _SEQ_CONFIGS = [triton.Config({"BLOCK_D": bd, "UNROLL": un}, num_warps=w)
-                for bd, un, w in [(32, 8, 2), (32, 16, 4), (64, 8, 4), (64, 16, 4), (16, 16, 2),
-                                  (128, 8, 4), (64, 8, 8), (16, 8, 1)]]
+                for bd, un, w in [(32, 4, 1), (32, 8, 1), (64, 4, 2), (64, 4, 1), (128, 4, 4),
+                                  (128, 8, 4), (64, 8, 2), (256, 4, 4)]]
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _SEQ_CONFIGS = [triton.Config({"BLOCK_D": 8, "UNROLL": 4}, num_warps=4)]
+    _SEQ_CONFIGS = [triton.Config({"BLOCK_D": 8, "UNROLL": 4}, num_warps=1)]
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.autotune(configs=_SEQ_CONFIGS, key=["Dm", "N", "MODE"])
@@ -196,11 +200,12 @@ def selective_scan_seq_kernel(
     UNROLL: tl.constexpr,
 ):
     """The scan of ``selective_scan_kernel`` (same arguments, same MODEs), walked one step at a
-    time: the state (BLOCK_D, n) stays in registers and each step is an exponential and two
-    multiply-adds per state element, with no log-depth combining. The loop body covers UNROLL
-    steps whose loads do not depend on the state, so they are issued together and their latency
-    is paid once per UNROLL steps. Channel-contiguous inputs ((b, l, d) memory, what the
-    projections write) make each step's loads of u, Δ, z and stores of y contiguous."""
+    time: the state, held (n, BLOCK_D) with the channels across threads and each channel's n
+    values inside one thread, stays in registers; a step is an exponential and two multiply-adds
+    per state element, with no log-depth combining and no exchange between threads. The loop
+    body covers UNROLL steps whose loads do not depend on the state, so they are issued together
+    and their latency is paid once per UNROLL steps. Channel-contiguous inputs ((b, l, d) memory,
+    what the projections write) make each step's loads of u, Δ, z and stores of y contiguous."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -210,30 +215,34 @@ def selective_scan_seq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Dm
     mask_n = offs_n < N
-    m_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=m_dn,
-                other=0.0).to(tl.float32)
+    m_nd = mask_n[:, None] & mask_d[None, :]
+    A2 = tl.load(A_ptr + offs_n[:, None] * s_An + offs_d[None, :] * s_Ad, mask=m_nd,
+                 other=0.0).to(tl.float32) * LOG2E  # (BN, BD): exp(Δ·A) = exp2(Δ·A·log2 e)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    chunk_off = ((pid_b * NCHUNK + pid_c) * Dm + offs_d[:, None]) * N + offs_n[None, :]
+    # chunk states and the last state are stored (n, d), channels contiguous like everything
+    # else this kernel touches (A too: the caller passes it transposed)
+    chunk_off = ((pid_b * NCHUNK + pid_c) * N + offs_n[:, None]) * Dm + offs_d[None, :]
     if MODE == 2:
-        h = tl.load(h0_ptr + chunk_off, mask=m_dn, other=0.0)
+        h = tl.load(h0_ptr + chunk_off, mask=m_nd, other=0.0)
     else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     u_row = u_ptr + pid_b * s_ub + offs_d * s_ud
     t_row = dt_ptr + pid_b * s_tb + offs_d * s_td
     z_row = z_ptr + pid_b * s_zb + offs_d * s_zd
     o_row = out_ptr + pid_b * s_ob + offs_d * s_od
-    B_row = B_ptr + pid_b * s_Bb + offs_n * s_Bn
-    C_row = C_ptr + pid_b * s_Cb + offs_n * s_Cn
+    # B_t and C_t are the same for every channel: each thread loads all n of them (a (n, BD)
+    # tile of broadcast addresses), so they arrive where the state is, with no exchange
+    B_row = B_ptr + pid_b * s_Bb + offs_n[:, None] * s_Bn + offs_d[None, :] * 0
+    C_row = C_ptr + pid_b * s_Cb + offs_n[:, None] * s_Cn + offs_d[None, :] * 0
     for l0 in range(l_start, l_end, UNROLL):
         for i in tl.static_range(UNROLL):
             t = l0 + i
             m = mask_d & (offs_d * 0 + t < l_end)  # a vector: the interpreter wants one
-            m_n = mask_n & (offs_n * 0 + t < l_end)
+            m_n = mask_n[:, None] & m[None, :]
             u = tl.load(u_row + t * s_ul, mask=m, other=0.0).to(tl.float32)
             dt = tl.load(t_row + t * s_tl, mask=m, other=0.0).to(tl.float32)
             if HAS_BIAS:
@@ -242,12 +251,12 @@ def selective_scan_seq_kernel(
                 dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
             dt = tl.where(m, dt, 0.0)  # steps past the end: Ā = 1, B̄u = 0
             Bv = tl.load(B_row + t * s_Bl, mask=m_n, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bv[None, :]
+            h = tl.exp2(dt[None, :] * A2) * h + Bv * (dt * u)[None, :]
             if MODE == 1:
                 dt_sum += dt
             else:
                 Cv = tl.load(C_row + t * s_Cl, mask=m_n, other=0.0).to(tl.float32)
-                y = tl.sum(h * Cv[None, :], axis=1)
+                y = tl.sum(h * Cv, axis=0)
                 if HAS_D:
                     y += Dv * u
                 if HAS_Z:
@@ -256,12 +265,12 @@ def selective_scan_seq_kernel(
                 tl.store(o_row + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=m)
     if MODE == 1:
         half = tl.num_programs(0) * NCHUNK * Dm * N
-        tl.store(stats_ptr + chunk_off, h, mask=m_dn)
-        tl.store(stats_ptr + half + chunk_off, tl.exp(A * dt_sum[:, None]), mask=m_dn)
+        tl.store(stats_ptr + chunk_off, h, mask=m_nd)
+        tl.store(stats_ptr + half + chunk_off, tl.exp2(A2 * dt_sum[None, :]), mask=m_nd)
     elif STORE_LAST:
         if pid_c == NCHUNK - 1:
-            tl.store(last_ptr + pid_b * Dm * N + offs_d[:, None] * N + offs_n[None, :], h,
-                     mask=m_dn)
+            tl.store(last_ptr + (pid_b * N + offs_n[:, None]) * Dm + offs_d[None, :], h,
+                     mask=m_nd)
 
 
 @triton.jit
@@ -565,9 +574,9 @@ def conv_xproj_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, xw_ptr, par
                            s_xz, K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
     """``conv_step_kernel`` followed by this block's share of ``x_proj``: part[row, block] =
-    W_x[:, block] · u[block] in float32, (b, blocks, E); ``ssm_step_kernel`` sums the blocks in a
-    fixed order (no atomics: the same sums every run). One launch instead of the convolution,
-    the matrix-vector product and cuBLAS's split-K reduction."""
+    W_x[:, block] · u[block] in float32, (b, blocks, E); ``xproj_reduce_kernel`` sums the blocks
+    in a fixed order (no atomics: the same sums every run). Two small launches instead of the
+    convolution, cuBLAS's split-K matrix-vector product and its reduction."""
     row = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -596,49 +605,41 @@ def conv_xproj_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, xw_ptr, par
 
 
 @triton.jit
-def _x_proj_sum(part_ptr, row, NP, E, offs, mask, BLOCK_P: tl.constexpr):
-    """Σ over the NP blocks' partial x_proj outputs at columns ``offs`` (fixed order)."""
-    acc = tl.zeros(offs.shape, dtype=tl.float32)
-    for p0 in range(0, NP, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        acc += tl.sum(tl.load(part_ptr + (row * NP + offs_p[:, None]) * E + offs[None, :],
-                              mask=(offs_p < NP)[:, None] & mask[None, :], other=0.0), axis=0)
-    return acc
+def xproj_reduce_kernel(part_ptr, out_ptr, NP, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """x_proj's output row from ``conv_xproj_step_kernel``'s partial sums: out[row, e] =
+    Σ_p part[row, p, e], in a fixed order, rounded to the output's dtype as x_proj's is."""
+    row = tl.program_id(0)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_p = tl.arange(0, BLOCK_P)
+    m = (offs_p < NP)[:, None] & (offs_e < E)[None, :]
+    part = tl.load(part_ptr + (row * NP + offs_p[:, None]) * E + offs_e[None, :], mask=m,
+                   other=0.0)
+    tl.store(out_ptr + row * E + offs_e, tl.sum(part, axis=0).to(out_ptr.dtype.element_ty),
+             mask=offs_e < E)
 
 
 @triton.jit
 def ssm_step_kernel(x_ptr, z_ptr, dbc_ptr, wdt_ptr, bdt_ptr, A_ptr, Dp_ptr, state_ptr, out_ptr,
-                    dtr_ptr, Dm, R, N, s_z, s_dbc, NP,
+                    dtr_ptr, Dm, R, N, s_z, s_dbc,
                     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PARTS: tl.constexpr, DT_READY: tl.constexpr, BLOCK_P: tl.constexpr):
+                    DT_READY: tl.constexpr):
     """dt = softplus(W_dt · dt_low + b); h = exp(dt·A)·h + dt·x·B; y = (C·h + D·x)·silu(z).
 
-    dt_low, B, C: x_proj's output row (b, r + 2n) in the model's dtype, or with PARTS the sum of
-    ``conv_xproj_step_kernel``'s NP float32 partial outputs (b, NP, r + 2n), rounded to the model's
-    dtype as x_proj's output is. DT_READY: W_dt · dt_low was computed already (a matrix product
-    over the whole batch, ``dtr_ptr`` (b, d)); otherwise each program computes its channels'."""
+    dt_low, B, C: x_proj's output row (b, r + 2n) in the model's dtype. DT_READY: W_dt · dt_low
+    was computed already (a matrix product over the whole batch, ``dtr_ptr`` (b, d)); otherwise
+    each program computes its channels'."""
     row = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d, mask_r, mask_n = offs_d < Dm, offs_r < R, offs_n < N
     rnd = out_ptr.dtype.element_ty
-    if PARTS:
-        Bv = _x_proj_sum(dbc_ptr, row, NP, s_dbc, R + offs_n, mask_n, BLOCK_P)
-        Cv = _x_proj_sum(dbc_ptr, row, NP, s_dbc, R + N + offs_n, mask_n, BLOCK_P)
-        Bv, Cv = Bv.to(rnd).to(tl.float32), Cv.to(rnd).to(tl.float32)
-    else:
-        Bv = tl.load(dbc_ptr + row * s_dbc + R + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        Cv = tl.load(dbc_ptr + row * s_dbc + R + N + offs_n, mask=mask_n,
-                     other=0.0).to(tl.float32)
+    Bv = tl.load(dbc_ptr + row * s_dbc + R + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(dbc_ptr + row * s_dbc + R + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if DT_READY:
         dt = tl.load(dtr_ptr + row * Dm + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
-        if PARTS:
-            low = _x_proj_sum(dbc_ptr, row, NP, s_dbc, offs_r, mask_r, BLOCK_P)
-            low = low.to(rnd).to(tl.float32)
-        else:
-            low = tl.load(dbc_ptr + row * s_dbc + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        low = tl.load(dbc_ptr + row * s_dbc + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         wdt = tl.load(wdt_ptr + offs_d[:, None] * R + offs_r[None, :],
                       mask=mask_d[:, None] & mask_r[None, :], other=0.0)
         dt = tl.sum(wdt.to(tl.float32) * low[None, :], axis=1)

@@ -185,7 +185,13 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     chunk = max(chunk, 1)
     n_chunks = _cdiv(length, chunk)
     out = torch.empty_like(u)
-    last = u.new_empty((b, d, n), dtype=torch.float32) if return_last_state else out
+    seq = kernel == "seq"
+    if return_last_state:  # the seq kernel stores states (n, d), channels contiguous
+        last = u.new_empty((b, n, d) if seq else (b, d, n), dtype=torch.float32)
+    else:
+        last = out
+    if seq:
+        A = A.t().contiguous().t()  # (d, n) values, (n, d) memory
     dummy = u  # unused pointer arguments still need a tensor
     zz = z if z is not None else dummy
     args = [u, delta, A, B, C, D if D is not None else dummy, zz,
@@ -208,17 +214,19 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         block = 1024
         tk.scan_chain_kernel[(b, _cdiv(d * n, block))](stats, h0, n_chunks, d * n, BLOCK=block)
         kern[grid](*args, h0, dummy, *sizes, MODE=2, **flags)
+    if return_last_state and seq:
+        last = last.transpose(1, 2)  # (b, d, n) values
     return (out, last) if return_last_state else out
 
 
 def seq_chunks(b: int, d: int, length: int, device: torch.device) -> int:
-    """How many chunks the "seq" kernel cuts a sequence into: enough for about 8 programs of
-    32 channels per multiprocessor, none shorter than 512 steps (the chain costs a pass over the
-    states per chunk). One where there are programs enough already, and under the interpreter."""
+    """How many chunks the "seq" kernel cuts a sequence into: enough for about 16 warps of 32
+    channels (one a thread) per multiprocessor, none shorter than 512 steps (the chain costs a
+    pass over the states per chunk). One where there are warps enough, and on a CPU."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(_cdiv(8 * sms, b * _cdiv(d, 32)), length // 512))
+    return max(1, min(_cdiv(16 * sms, b * _cdiv(d, 32)), length // 512))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -654,6 +662,7 @@ class MambaFastGenerator:
         fuse = b <= self.fuse_xproj_max_batch
         if fuse:
             parts = torch.empty(b, grid[1], e, device=self.device, dtype=torch.float32)
+            dbc = torch.empty(b, e, device=self.device, dtype=self.dtype)
         dt_ready = b >= self.dt_matmul_min_batch and not fuse
         for i, blk in enumerate(self.layers):
             mx = blk.mixer
@@ -668,18 +677,20 @@ class MambaFastGenerator:
             if fuse:
                 tk.conv_xproj_step_kernel[grid](*conv_args, mx.x_proj.weight, parts, d, e,
                                                 xz.stride(0), BLOCK_E=_next_pow2(e), **conv_flags)
-                dbc, s_dbc, n_parts = parts, e, grid[1]
+                tk.xproj_reduce_kernel[(b, _cdiv(e, 32))](parts, dbc, grid[1], e,
+                                                          BLOCK_P=_next_pow2(grid[1]), BLOCK_E=32)
+                s_dbc = e
             else:
                 tk.conv_step_kernel[grid](*conv_args, d, xz.stride(0), **conv_flags)
                 dbc = mx.x_proj(xs)                                          # (b, r + 2n)
-                s_dbc, n_parts = dbc.stride(0), 1
+                s_dbc = dbc.stride(0)
             dtr = (torch.nn.functional.linear(dbc[:, :self.rank], mx.dt_proj.weight)
                    if dt_ready else xs)                                      # (b, d)
             tk.ssm_step_kernel[grid](xs, xz[:, d:], dbc, mx.dt_proj.weight, mx.dt_proj.bias,
                                      self._A[i], mx.D, self.ssm[i], y, dtr, d, self.rank, self.n,
-                                     xz.stride(0), s_dbc, n_parts, BLOCK_D=bd,
+                                     xz.stride(0), s_dbc, BLOCK_D=bd,
                                      BLOCK_R=_next_pow2(self.rank), BLOCK_N=_next_pow2(self.n),
-                                     PARTS=fuse, DT_READY=dt_ready, BLOCK_P=16)
+                                     DT_READY=dt_ready)
             delta = mx.out_proj(y)
         tk.add_rmsnorm_kernel[(b,)](h, delta, self.model.backbone.norm_f.weight, x, H, self.eps,
                                     HAS_DELTA=True, BLOCK_H=_next_pow2(H))
