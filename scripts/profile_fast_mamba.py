@@ -190,11 +190,11 @@ def main(argv=None) -> int:
         gen.use_graph = True
         gen._graph = None
         gen.step(nxt)
-        t_graph = bench.time_fn(lambda: gen.step(nxt), warmup=3, repeats=50, device=dev).median
+        t_graph = bench.time_fn(lambda nxt=nxt: gen.step(nxt), warmup=3, repeats=50, device=dev).median
         gen.use_graph = False
-        t_eager = bench.time_fn(lambda: gen.step(nxt), warmup=3, repeats=20, device=dev).median
+        t_eager = bench.time_fn(lambda nxt=nxt: gen.step(nxt), warmup=3, repeats=20, device=dev).median
         state = n_layers * b * d * (n * 4 + gen.k * 2)
-        prof = profile_region(lambda: gen.step(nxt), dev)
+        prof = profile_region(lambda nxt=nxt: gen.step(nxt), dev)
         extra = {"graph replay per step, median of 50 (µs)": round(t_graph * 1e6, 1),
                  "eager step, median of 20 (µs)": round(t_eager * 1e6, 1),
                  "weights' roofline per step (µs)": round(wbytes / bw * 1e6, 1),

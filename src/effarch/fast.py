@@ -583,7 +583,6 @@ class MambaFastGenerator:
         h = self.model.backbone.embeddings(input_ids.to(self.device)).float().view(rows, H)
         x = torch.empty(rows, H, device=self.device, dtype=self.dtype)
         u = torch.empty(b, length, d, device=self.device, dtype=self.dtype)
-        y = torch.empty_like(u)
         delta = None
         bl, bd = 32, 64
         conv_grid = (b, _cdiv(length, bl), _cdiv(d, bd))
