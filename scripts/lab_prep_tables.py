@@ -216,6 +216,19 @@ def spark_table() -> str:
     return "\n".join(rows)
 
 
+def lab246_step_peaks(name: str = "lab246_full_h100.txt") -> dict[str, str]:
+    """The allocator peaks of one training step that lab 2.4.6's kept full-size run printed
+    (its Part E table: method, allocated before the step, peak), as printed, in GiB."""
+    import re
+
+    text = (paths.measurements_dir() / name).read_text(encoding="utf-8")
+    found = dict(re.findall(r"^(LoRA r=8|full fine-tuning|QLoRA \(4-bit base\))\s+[\d.]+ GiB"
+                            r"\s+([\d.]+) GiB", text, flags=re.M))
+    if len(found) != 3:
+        raise ValueError(f"{name}: expected the LoRA / full / QLoRA peaks table, found {found}")
+    return found
+
+
 def _kept_bench(what: str, name: str = "bench_fast_mamba_h200.json") -> float:
     """One figure of a kept ``scripts/bench_fast_mamba.py --json`` run (data/measurements)."""
     return bench.kept_figure(paths.measurements_dir() / name, what)
@@ -236,6 +249,7 @@ def spark_claims() -> str:
     h200_decode = _kept_bench("decode batch 1, effarch fast path (graph)")
     mamba_step = decode_step_bytes("mamba-2.8b")
     ft = memory.estimate_weights_bytes("mamba-2.8b")  # bf16 weights
+    step_peaks = lab246_step_peaks()  # GiB, as the lab printed them
     gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
     mix_left, jam_left = SPARK_MEMORY - mixtral - mix_kv, SPARK_MEMORY - jamba - jam_state
     fits = lambda left: (f"yes, {left / SPARK_MEMORY:.0%} of the memory left"  # noqa: E731
@@ -265,7 +279,11 @@ def spark_claims() -> str:
         f"| bf16: train and fine-tune at full precision | bf16 is half precision; full "
         f"fine-tuning of Mamba-2.8B in bf16 with AdamW holds the weights, their gradients and two "
         f"optimiser moments, about 4 × {gb(ft)} = {gb(4 * ft)} (lab 2.4.6's count) before "
-        f"activations; LoRA needs little more than the weights | "
+        f"activations. LoRA drops the gradients and moments of the frozen weights but not the "
+        f"activations: lab 2.4.6's full-size run (one H100, batch 16, "
+        f"`data/measurements/lab246_full_h100.txt`) peaked at {step_peaks['LoRA r=8']} GiB with "
+        f"LoRA, {step_peaks['full fine-tuning']} GiB with full fine-tuning and "
+        f"{step_peaks['QLoRA (4-bit base)']} GiB with QLoRA | "
         + ("fits" if 4 * ft < SPARK_MEMORY else "does not fit")
         + ", but in half precision, not \"full\" |",
     ])
