@@ -43,6 +43,7 @@ NO_SECTION = {
     ("scripts/bench_before_after.py", "one"): "internal: prints the worker's own output",
     ("scripts/probe_quantization.py", "forward_ms"): "a measurement's outcome, kept as such",
     ("scripts/train_zoo.py", "check_reload"): "internal invariant: the file this run just wrote",
+    ("scripts/lab_prep_tables.py", "lab246_step_peaks"): "internal invariant: a kept log the repository ships",
     ("scripts/eval_zoo.py", "evaluate_all"): "re-raises zoo.model_names' message, which names one",
     ("scripts/train_zoo.py", "main"): "re-raises zoo.model_names' message, which names one",
     ("src/effarch/checks.py", "check_function"): "a check written without cases: a course bug",
