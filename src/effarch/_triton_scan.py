@@ -1,6 +1,9 @@
-"""Triton kernel of ``effarch.fast.selective_scan`` (imported only when Triton is there).
+"""Triton kernels of ``effarch.fast`` (imported only when Triton is there).
 
-One program per (batch row, block of BLOCK_D channels). It walks the sequence in tiles of
+Two forward scans. ``selective_scan_seq_kernel`` (for channel-contiguous inputs, the prefill's)
+walks the sequence one step at a time with each channel's state inside one thread.
+``selective_scan_kernel`` (for time-contiguous inputs) uses one program per (batch row, block of
+BLOCK_D channels), and walks the sequence in tiles of
 BLOCK_L steps; inside a tile, the recurrence h_t = Ā_t h_{t-1} + B̄_t u_t is an associative scan
 over (Ā, B̄u) pairs; the tile's first state comes from the previous tile. Ā, B̄u and the states
 live only in registers: (b, d, l, n) is never written to memory.
@@ -523,7 +526,7 @@ def reverse_scan_probe_kernel(a_ptr, c_ptr, out_ptr, BLOCK_D: tl.constexpr,
     tl.store(out_ptr + off, x)
 
 
-# --- decode: one token per row, three fused kernels per layer (the GEMVs stay in cuBLAS) -----
+# --- decode: one token per row, small fused kernels beside the GEMVs (in_proj, out_proj: cuBLAS) ---
 
 
 @triton.jit

@@ -5,10 +5,12 @@ Mamba's scan as a Python loop over the sequence that also materialises (b, d, l,
 tensors. This module gives the same function, ``selective_scan`` (mamba-ssm's signature, see
 ``effarch.ssm.selective_scan_ref``, the reference it is tested against), three ways:
 
-- ``triton``: a Triton kernel, one program per (batch, block of channels), walking the sequence
+- ``triton``: Triton kernels. On (b, l, d) memory (the prefill's), one step at a time with each
+  channel's state inside one thread, the sequence cut into chunks scanned in parallel and then
+  chained; on (b, d, l) memory, one program per (batch, block of channels) walking the sequence
   in tiles and scanning each tile with the associative operator (a1, b1)∘(a2, b2) =
   (a1·a2, a2·b1 + b2) (Blelloch 1990; the Mamba paper §3.3 uses the same operator). Nothing of
-  size (b, d, l, n) ever reaches memory. With gradients, a Triton backward walks the same tiles
+  size (b, d, l, n) ever reaches memory. With gradients, a Triton backward walks the tiles
   in reverse (``selective_scan_triton_backward``).
 - ``chunked``: PyTorch, any device: Ā and B̄u are computed for a tile of time steps at once,
   then one fused multiply-add per step, and the readout y = C·h one tile at a time. Gradients
@@ -469,6 +471,12 @@ class MambaFastGenerator:
     Prefill runs every layer over the prompt with :func:`selective_scan`; decoding keeps each
     layer's conv state (b, d, k) and SSM state (b, d, n, float32) in static tensors and, on CUDA,
     replays one captured CUDA graph per token (``use_graph=False`` runs the same step eagerly).
+
+    ``kernels`` (default: where Triton runs and the residual is float32) decodes with fused
+    Triton kernels; ``fused_prefill`` (default: with ``kernels``) prefills in Triton kernels over
+    (b, l, d) memory. ``fuse_xproj_max_batch`` and ``dt_matmul_min_batch`` pick the decode step's
+    form by batch size (see ``_step_kernels``). ``fused_prefill=False, fuse_xproj_max_batch=0,
+    dt_matmul_min_batch=10**9`` is the first round's path, which the benchmark puts beside it.
     """
 
     def __init__(self, model, *, use_graph: bool | None = None, backend: str = "auto",
