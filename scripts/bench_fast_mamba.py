@@ -84,6 +84,8 @@ def arms(model, args) -> dict[str, fast.MambaFastGenerator]:
     if args.before:
         found["round 1"] = fast.MambaFastGenerator(model, **ROUND_1)
     found["round 2"] = fast.MambaFastGenerator(model)
+    for chunks in args.prefill_chunks:
+        found[f"round 2, {chunks} chunks"] = fast.MambaFastGenerator(model, prefill_chunks=chunks)
     return found
 
 
@@ -143,6 +145,8 @@ def decode_section(model, gens, ids, roof, bw, wbytes, state_per_row, dev, args)
         row("decode batch 1, transformers fallback", fb, "tok/s", f"{fb / roof:.1%} of roofline")
     for b in args.batches:
         for name, gen in gens.items():
+            if "chunks" in name:  # the same decode as round 2's
+                continue
             logits = gen.prefill(ids(b, 64))
             nxt = logits.argmax(-1)
             gen.step(nxt)  # captures the graph for this batch size
@@ -154,7 +158,7 @@ def decode_section(model, gens, ids, roof, bw, wbytes, state_per_row, dev, args)
                 b / step, "tok/s", f"{wbytes / bw / step:.1%} of the weights' roofline, "
                 f"{limit / step:.1%} of the limit with the state")
             RESULTS[f"decode {b} {name}"] = b / step
-        if len(gens) > 1:
+        if "round 1" in gens:
             row(f"decode batch {b}: round 2 / round 1", RESULTS[f"decode {b} round 2"]
                 / RESULTS[f"decode {b} round 1"], "x")
 
@@ -175,7 +179,8 @@ def phi_section(args, bw: float) -> None:
             x = torch.randint(0, vocab, (1, n), device=dev)
             t = timed(lambda x=x: model(x, use_cache=False, logits_to_keep=1), dev)
             row(f"prefill {n} tokens, SDPA (eager module)", n / t, "tok/s")
-            for name in ("round 1", "round 2"):
+            arms_run = sorted({k.split(" ", 2)[2] for k in RESULTS if k.startswith(f"prefill {n} ")})
+            for name in arms_run:
                 if f"prefill {n} {name}" in RESULTS:
                     row(f"prefill {n}: Mamba {name} / this transformer",
                         RESULTS[f"prefill {n} {name}"] * t / n, "x")
@@ -310,6 +315,9 @@ def main(argv=None) -> int:
                     help="also measure the first round's path (fast.MambaFastGenerator options)")
     ap.add_argument("--scan", action="store_true", help="also time the scan kernels alone")
     ap.add_argument("--batches", default="1,8,32", help="decode batch sizes")
+    ap.add_argument("--prefill-chunks", default="",
+                    help="also measure round 2 with its prefill scan in these chunk counts, "
+                         "e.g. 16,32 (the default is fast.seq_chunks's)")
     ap.add_argument("--check", action="store_true",
                     help="also compare the fast path with transformers at the real size, float32")
     ap.add_argument("--scan-width", type=int, default=5120, help="d of the scan alone")
@@ -319,6 +327,7 @@ def main(argv=None) -> int:
     args.layer_note = f" cut to {args.layers} layers (smoke run)" if args.layers else ""
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
+    args.prefill_chunks = [int(x) for x in args.prefill_chunks.split(",") if x]
     print(f"torch {torch.__version__}, {platform.machine()}, device {args.device}")
     section(cpu_scan, args)
     if not args.quick:

@@ -177,7 +177,8 @@ FUSED_SCRIPT = textwrap.dedent("""
     with torch.no_grad():
         ref_logits = m(ids).logits
     for opts in (dict(),                                             # x_proj fused (b <= 4)
-                 dict(fuse_xproj_max_batch=0, dt_matmul_min_batch=2)):  # dt_proj as a matmul
+                 dict(fuse_xproj_max_batch=0, dt_matmul_min_batch=2),   # dt_proj as a matmul
+                 dict(prefill_chunks=3)):                               # the scan in 3 chunks
         gen = fast.MambaFastGenerator(m, kernels=True, use_graph=False, **opts)
         assert gen.fused_prefill and "fused Triton prefill" in gen.path
         assert torch.equal(gen.generate(ids, 10), want), opts
