@@ -328,6 +328,13 @@ def test_copy_bandwidth_is_positive():
     assert bench.copy_bandwidth("cpu", nbytes=2**20) > 0
 
 
+def test_copy_bandwidth_best_is_the_best_of_the_sizes(monkeypatch):
+    rates = {2**20: 3.0, 2**21: 5.0, 2**22: 4.0}  # bytes/s per size, as copy_bandwidth gives
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device, nbytes: rates[nbytes])
+    best, each = bench.copy_bandwidth_best("cpu", sizes=tuple(rates))
+    assert best == 5.0 and sorted(each.values()) == [3.0, 4.0, 5.0] and len(each) == 3
+
+
 def test_time_prefill_decode_with_a_fake_clock(llama):
     from effarch import checks
 

@@ -319,6 +319,14 @@ def _peft(targets, rank=None):
     return fn
 
 
+def _alpha_r(model, rank):  # lora_alpha = r: the update scaled by 1, not 2
+    return finetune.add_lora(model, finetune.lora_config(rank, alpha=rank))
+
+
+def _dropout(model, rank):  # PEFT's usual recipe, not the exercise's
+    return finetune.add_lora(model, finetune.lora_config(rank, dropout=0.1))
+
+
 def _unfrozen(model, rank):
     wrapped = reference_add_lora(model, rank)
     for p in wrapped.parameters():
@@ -338,6 +346,8 @@ def _no_wrap(model, rank):
     (_peft(["in_proj", "x_proj"], rank=8), "rank 8, not 4"),
     (_no_wrap, "full fine-tuning"),
     (_unfrozen, "base weights are trainable"),
+    (_alpha_r, "lora_alpha is 4, not 2·rank = 8"),
+    (_dropout, "lora_dropout is 0.1"),
 ])
 def test_lora_check_fails_plausible_wrong_answers(batch, monkeypatch, wrong, words):
     monkeypatch.delenv("EFFARCH_STRICT", raising=False)

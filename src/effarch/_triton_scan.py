@@ -548,14 +548,11 @@ def add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, H, eps,
 
 
 @triton.jit
-def conv_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, Dm, s_xz,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    """Shift the new input into the conv state (b, d, k); out = silu(conv · weight + bias)."""
-    row = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+def _conv_step(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, row, offs_d, mask_d, Dm, s_xz,
+               K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Shift the new input into the conv state (b, d, k); store and return u = silu(conv ·
+    weight + bias) for channels ``offs_d``, rounded to out's dtype as conv1d's output is."""
     offs_k = tl.arange(0, BLOCK_K)
-    mask_d = offs_d < Dm
     base = state_ptr + row * Dm * K + offs_d[:, None] * K
     shifted = tl.load(base + offs_k[None, :] + 1,
                       mask=mask_d[:, None] & (offs_k[None, :] + 1 < K), other=0.0)
@@ -568,8 +565,20 @@ def conv_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, Dm, s_xz,
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # conv1d's output dtype, then silu
-    tl.store(out_ptr + row * Dm + offs_d, (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty),
-             mask=mask_d)
+    u = (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * Dm + offs_d, u, mask=mask_d)
+    return u
+
+
+@triton.jit
+def conv_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, Dm, s_xz,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """Shift the new input into the conv state (b, d, k); out = silu(conv · weight + bias)."""
+    row = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    _conv_step(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, row, offs_d, offs_d < Dm, Dm, s_xz, K,
+               HAS_BIAS, BLOCK_K)
 
 
 @triton.jit
@@ -583,22 +592,9 @@ def conv_xproj_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, xw_ptr, par
     row = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_d = offs_d < Dm
-    base = state_ptr + row * Dm * K + offs_d[:, None] * K
-    shifted = tl.load(base + offs_k[None, :] + 1,
-                      mask=mask_d[:, None] & (offs_k[None, :] + 1 < K), other=0.0)
-    x = tl.load(xz_ptr + row * s_xz + offs_d, mask=mask_d, other=0.0)
-    new = tl.where(offs_k[None, :] == K - 1, x[:, None], shifted)
-    mask_dk = mask_d[:, None] & (offs_k[None, :] < K)
-    tl.store(base + offs_k[None, :], new, mask=mask_dk)
-    w = tl.load(w_ptr + offs_d[:, None] * K + offs_k[None, :], mask=mask_dk, other=0.0)
-    acc = tl.sum(new.to(tl.float32) * w.to(tl.float32), axis=1)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-    u = (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * Dm + offs_d, u, mask=mask_d)
+    u = _conv_step(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, row, offs_d, mask_d, Dm, s_xz, K,
+                   HAS_BIAS, BLOCK_K)
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     wx = tl.load(xw_ptr + offs_e[:, None] * Dm + offs_d[None, :],

@@ -1458,7 +1458,8 @@ def check_lora_model(student_fn: Callable, reference_fn: Callable, *,
     of rank ``rank`` on ``in_proj`` and ``x_proj`` (lab 2.4.6). For each rank, on a fresh model
     from ``make_model()``: a PEFT model comes back (not the bare model, which would fully
     fine-tune); its trainable parameters per module are ``r·in`` (``lora_A``) and ``out·r``
-    (``lora_B``) for every layer's ``in_proj`` and ``x_proj`` and nothing else; after one
+    (``lora_B``) for every layer's ``in_proj`` and ``x_proj`` and nothing else; its
+    ``lora_alpha`` is ``2·r`` and it has no dropout; after one
     optimiser step on ``batch`` every LoRA matrix gets a non-zero gradient, and the base weights
     have not moved. Returns ``student_fn`` if every rank passes, else ``reference_fn``."""
     name = name or getattr(student_fn, "__name__", "exercise")
@@ -1496,8 +1497,18 @@ def _lora_problems(wrapped: Any, config: Any, rank: int, batch: Mapping[str, Any
     if got != want:
         return [f"trainable parameters by module: got {got}", f"expected {want}",
                 *_lora_hints(got, want, config, rank)]
-    report = finetune.gradient_check(wrapped, batch)
+    cfg = wrapped.peft_config.get("default")
     problems = []
+    if cfg is not None and cfg.lora_alpha != 2 * rank:
+        problems.append(f"lora_alpha is {cfg.lora_alpha}, not 2·rank = {2 * rank}: the update is "
+                        f"scaled by alpha/r = {cfg.lora_alpha / rank:g} instead of 2. Pass "
+                        "lora_alpha=2 * rank")
+    if cfg is not None and cfg.lora_dropout:
+        problems.append(f"lora_dropout is {cfg.lora_dropout}: the exercise asks for none "
+                        "(lora_dropout=0.0)")
+    if problems:
+        return problems
+    report = finetune.gradient_check(wrapped, batch)
     if report.no_gradient:
         problems.append(f"{len(report.no_gradient)} LoRA matrices got no gradient after one "
                         f"step on the path that runs ({report.path}), e.g. "
