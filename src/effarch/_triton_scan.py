@@ -180,20 +180,114 @@ def selective_scan_kernel(
 
 # --- the sequential-in-time scan: one step at a time, UNROLL steps' loads issued together ------
 
-# One channel per thread (BLOCK_D = 32 · num_warps, or two per thread): each thread holds its
-# channels' whole state (n values), so the readout C·h sums inside the thread and Δ, u, z are
-# computed once per channel, not once per (channel, state) lane.
+# One channel per thread (BLOCK_D = 32 · num_warps), or two. Every tensor in the kernel is a
+# (BLOCK_D,) vector: the state is a tuple of n of them, and B_t, C_t are n scalars each step. A
+# (n, BLOCK_D) tensor instead lets the compiler pick a layout per load (B's is contiguous along
+# n, A's along d), and the state then moves through shared memory every step.
 _SEQ_CONFIGS = [triton.Config({"BLOCK_D": bd, "UNROLL": un}, num_warps=w)
                 for bd, un, w in [(32, 4, 1), (32, 8, 1), (64, 4, 2), (64, 4, 1), (128, 4, 4),
                                   (128, 8, 4), (64, 8, 2), (256, 4, 4)]]
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _SEQ_CONFIGS = [triton.Config({"BLOCK_D": 8, "UNROLL": 4}, num_warps=1)]
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # its cost is per operation, not per channel
+    _SEQ_CONFIGS = [triton.Config({"BLOCK_D": 16, "UNROLL": 4}, num_warps=1)]
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.autotune(configs=_SEQ_CONFIGS, key=["Dm", "N", "MODE"])
 @triton.jit
 def selective_scan_seq_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, h0_ptr,
+    stats_ptr, L, Dm, N, CHUNK, NCHUNK,
+    s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+    s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    STORE_LAST: tl.constexpr, MODE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    """The scan of ``selective_scan_kernel`` (same arguments, same MODEs; BLOCK_N is n itself),
+    walked one step at a time: each channel's n state values stay in its thread's registers; a
+    step is an exponential and two multiply-adds per state element, with no log-depth combining
+    and no exchange between threads. The loop body covers UNROLL steps whose loads do not depend
+    on the state, so they are issued together and their latency is paid once per UNROLL steps.
+    Channel-contiguous inputs ((b, l, d) memory, what the projections write) make each step's
+    loads of u, Δ, z and stores of y contiguous."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    l_start = pid_c * CHUNK
+    l_end = tl.minimum(L, l_start + CHUNK)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < Dm
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    # chunk states and the last state are stored (n, d), channels contiguous like everything
+    # else this kernel touches (A too: the caller passes it transposed)
+    chunk_row = (pid_b * NCHUNK + pid_c) * BLOCK_N
+    A2 = ()  # exp(Δ·A) = exp2(Δ·A·log2 e)
+    h = ()
+    for j in tl.static_range(BLOCK_N):
+        A2 = A2 + (tl.load(A_ptr + j * s_An + offs_d * s_Ad, mask=mask_d,
+                           other=0.0).to(tl.float32) * LOG2E,)
+        if MODE == 2:
+            h = h + (tl.load(h0_ptr + (chunk_row + j) * Dm + offs_d, mask=mask_d, other=0.0),)
+        else:
+            h = h + (tl.zeros((BLOCK_D,), dtype=tl.float32),)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    u_row = u_ptr + pid_b * s_ub + offs_d * s_ud
+    t_row = dt_ptr + pid_b * s_tb + offs_d * s_td
+    z_row = z_ptr + pid_b * s_zb + offs_d * s_zd
+    o_row = out_ptr + pid_b * s_ob + offs_d * s_od
+    B_row = B_ptr + pid_b * s_Bb
+    C_row = C_ptr + pid_b * s_Cb
+    for l0 in range(l_start, l_end, UNROLL):
+        for i in tl.static_range(UNROLL):
+            t = l0 + i
+            m = mask_d & (offs_d * 0 + t < l_end)  # a vector: the interpreter wants one
+            tc = tl.minimum(t, l_end - 1)  # B, C of a step past the end: any step's will do
+            u = tl.load(u_row + t * s_ul, mask=m, other=0.0).to(tl.float32)
+            dt = tl.load(t_row + t * s_tl, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt = dt + bias
+            if SOFTPLUS:
+                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+            dt = tl.where(m, dt, 0.0)  # steps past the end: Ā = 1, B̄u = 0
+            dtu = dt * u
+            y = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            hn = ()
+            for j in tl.static_range(BLOCK_N):
+                Bj = tl.load(B_row + tc * s_Bl + j * s_Bn).to(tl.float32)
+                hj = tl.exp2(dt * A2[j]) * h[j] + Bj * dtu
+                if MODE != 1:
+                    y += hj * tl.load(C_row + tc * s_Cl + j * s_Cn).to(tl.float32)
+                hn = hn + (hj,)
+            h = hn
+            if MODE == 1:
+                dt_sum += dt
+            else:
+                if HAS_D:
+                    y += Dv * u
+                if HAS_Z:
+                    zz = tl.load(z_row + t * s_zl, mask=m, other=0.0).to(tl.float32)
+                    y = y * zz * tl.sigmoid(zz)
+                tl.store(o_row + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=m)
+    half = tl.num_programs(0) * NCHUNK * Dm * BLOCK_N
+    for j in tl.static_range(BLOCK_N):
+        if MODE == 1:
+            tl.store(stats_ptr + (chunk_row + j) * Dm + offs_d, h[j], mask=mask_d)
+            tl.store(stats_ptr + half + (chunk_row + j) * Dm + offs_d,
+                     tl.exp2(A2[j] * dt_sum), mask=mask_d)
+        elif STORE_LAST:
+            if pid_c == NCHUNK - 1:
+                tl.store(last_ptr + (pid_b * BLOCK_N + j) * Dm + offs_d, h[j], mask=mask_d)
+
+
+# --- the first form of the seq scan, a (n, BLOCK_D) state tensor (kept for one side-by-side run)
+
+
+@triton.autotune(configs=_SEQ_CONFIGS, key=["Dm", "N", "MODE"])
+@triton.jit
+def selective_scan_seq2d_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, h0_ptr,
     stats_ptr, L, Dm, N, CHUNK, NCHUNK,
     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,

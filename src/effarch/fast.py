@@ -176,18 +176,18 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         raise ValueError(f"the Triton scan runs on CUDA tensors (or anywhere under "
                          f"TRITON_INTERPRET=1), not on {u.device.type}: use backend='chunked'. "
                          f"{TROUBLE} 'Fast path arguments'.")
-    if kernel not in (None, "seq", "tile"):
+    if kernel not in (None, "seq", "seq2d", "tile"):
         raise ValueError(f"kernel must be 'seq', 'tile' or None, not {kernel!r}. "
                          f"{TROUBLE} 'Fast path arguments'.")
     b, d, length = u.shape
     n = A.shape[-1]
     kernel = kernel or ("seq" if u.stride(1) == 1 and d > 1 else "tile")
+    seq = kernel in ("seq", "seq2d")
     if chunk is None:
-        chunk = _cdiv(length, seq_chunks(b, d, length, u.device)) if kernel == "seq" else length
+        chunk = _cdiv(length, seq_chunks(b, d, length, u.device)) if seq else length
     chunk = max(chunk, 1)
     n_chunks = _cdiv(length, chunk)
     out = torch.empty_like(u)
-    seq = kernel == "seq"
     if return_last_state:  # the seq kernel stores states (n, d), channels contiguous
         last = u.new_empty((b, n, d) if seq else (b, d, n), dtype=torch.float32)
     else:
@@ -202,11 +202,12 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
              *B.stride(), *C.stride(), *zz.stride(), *out.stride()]
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
-                 BLOCK_N=_next_pow2(n))
+                 BLOCK_N=n if kernel == "seq" else _next_pow2(n))
     grid = lambda meta: (b, _cdiv(d, meta["BLOCK_D"]), n_chunks)  # noqa: E731
     from effarch import _triton_scan as tk
 
-    kern = tk.selective_scan_seq_kernel if kernel == "seq" else tk.selective_scan_kernel
+    kern = {"seq": tk.selective_scan_seq_kernel, "seq2d": tk.selective_scan_seq2d_kernel,
+            "tile": tk.selective_scan_kernel}[kernel]
     if n_chunks == 1:
         kern[grid](*args, dummy, dummy, *sizes, MODE=0, **flags)
     else:
@@ -222,13 +223,15 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 def seq_chunks(b: int, d: int, length: int, device: torch.device) -> int:
-    """How many chunks the "seq" kernel cuts a sequence into: enough for about 16 warps of 32
-    channels (one a thread) per multiprocessor, none shorter than 512 steps (the chain costs a
-    pass over the states per chunk). One where there are warps enough, and on a CPU."""
+    """How many chunks the "seq" kernel cuts a sequence into: enough for about 96 warps of 32
+    channels (one a thread) per multiprocessor, one and a half times what one can hold, so that
+    the last wave is short; none shorter than 64 steps (the chain costs a pass over the states per
+    chunk). Measured on an H100 at d = 5,120 (data/measurements/README.md): 16K steps in 80
+    chunks, 4K in 64, 1K in 16. One where there are warps enough, and on a CPU."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(_cdiv(16 * sms, b * _cdiv(d, 32)), length // 512))
+    return max(1, min(_cdiv(96 * sms, b * _cdiv(d, 32)), length // 64))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -674,6 +677,10 @@ class MambaFastGenerator:
         y = torch.empty_like(xs)
         bd, delta = 64, None
         grid = (b, -(-d // bd))
+        # the SSM step alone: with x_proj fused (small batches) it has few rows of work, and
+        # more, smaller programs hide its memory latency better (7.7 against 8.7 µs a layer at
+        # batch 1 on an H100, the kernel alone)
+        ssm_bd, ssm_warps = (16, 1) if b <= self.fuse_xproj_max_batch else (64, 4)
         e = self.rank + 2 * self.n
         fuse = b <= self.fuse_xproj_max_batch
         if fuse:
@@ -702,11 +709,11 @@ class MambaFastGenerator:
                 s_dbc = dbc.stride(0)
             dtr = (torch.nn.functional.linear(dbc[:, :self.rank], mx.dt_proj.weight)
                    if dt_ready else xs)                                      # (b, d)
-            tk.ssm_step_kernel[grid](xs, xz[:, d:], dbc, mx.dt_proj.weight, mx.dt_proj.bias,
-                                     self._A[i], mx.D, self.ssm[i], y, dtr, d, self.rank, self.n,
-                                     xz.stride(0), s_dbc, BLOCK_D=bd,
-                                     BLOCK_R=_next_pow2(self.rank), BLOCK_N=_next_pow2(self.n),
-                                     DT_READY=dt_ready)
+            tk.ssm_step_kernel[(b, _cdiv(d, ssm_bd))](
+                xs, xz[:, d:], dbc, mx.dt_proj.weight, mx.dt_proj.bias, self._A[i], mx.D,
+                self.ssm[i], y, dtr, d, self.rank, self.n, xz.stride(0), s_dbc, BLOCK_D=ssm_bd,
+                BLOCK_R=_next_pow2(self.rank), BLOCK_N=_next_pow2(self.n), DT_READY=dt_ready,
+                num_warps=ssm_warps)
             delta = mx.out_proj(y)
         tk.add_rmsnorm_kernel[(b,)](h, delta, self.model.backbone.norm_f.weight, x, H, self.eps,
                                     HAS_DELTA=True, BLOCK_H=_next_pow2(H))
