@@ -259,8 +259,6 @@ def scan_section(args, bw: float) -> None:
 
     arm("tile kernel, (b, d, l) tensors, one pass", contiguous, kernel="tile")
     auto = fast.seq_chunks(1, d, n_len, torch.device(dev))
-    arm(f"seq kernel, first form ((n, d) state tensor), {auto} chunks", as_bdl, kernel="seq2d",
-        chunk=-(-n_len // auto))
     for chunks in sorted({1, 4, 16, 32, 64, 128, auto}):
         arm(f"seq kernel, (b, l, d) views, {chunks} chunk(s){' (default)' if chunks == auto else ''}",
             as_bdl, kernel="seq", chunk=-(-n_len // chunks))

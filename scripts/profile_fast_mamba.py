@@ -30,8 +30,9 @@ import torch
 from effarch import bench, fast, models
 
 KINDS = [  # (kind, pattern on the kernel's name), first match wins
-    ("scan (Triton)", r"selective_scan"),
-    ("fused decode kernels (Triton)", r"add_rmsnorm|conv_step|ssm_step|rmsnorm"),
+    ("scan (Triton)", r"selective_scan|scan_chain"),
+    ("residual add + RMSNorm (Triton)", r"add_rmsnorm|rmsnorm"),
+    ("decode step kernels (Triton)", r"conv_step|conv_xproj_step|xproj_reduce|ssm_step"),
     ("conv (Triton)", r"causal_conv"),
     ("matrix products", r"gemm|gemv|cutlass|xmma|sm\d+_|cublas|splitK|dot_kernel|ampere|hopper"),
     ("convolution (cuDNN/aten)", r"conv|cudnn|winograd|implicit"),

@@ -176,13 +176,13 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         raise ValueError(f"the Triton scan runs on CUDA tensors (or anywhere under "
                          f"TRITON_INTERPRET=1), not on {u.device.type}: use backend='chunked'. "
                          f"{TROUBLE} 'Fast path arguments'.")
-    if kernel not in (None, "seq", "seq2d", "tile"):
+    if kernel not in (None, "seq", "tile"):
         raise ValueError(f"kernel must be 'seq', 'tile' or None, not {kernel!r}. "
                          f"{TROUBLE} 'Fast path arguments'.")
     b, d, length = u.shape
     n = A.shape[-1]
     kernel = kernel or ("seq" if u.stride(1) == 1 and d > 1 else "tile")
-    seq = kernel in ("seq", "seq2d")
+    seq = kernel == "seq"
     if chunk is None:
         chunk = _cdiv(length, seq_chunks(b, d, length, u.device)) if seq else length
     chunk = max(chunk, 1)
@@ -206,8 +206,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     grid = lambda meta: (b, _cdiv(d, meta["BLOCK_D"]), n_chunks)  # noqa: E731
     from effarch import _triton_scan as tk
 
-    kern = {"seq": tk.selective_scan_seq_kernel, "seq2d": tk.selective_scan_seq2d_kernel,
-            "tile": tk.selective_scan_kernel}[kernel]
+    kern = tk.selective_scan_seq_kernel if seq else tk.selective_scan_kernel
     if n_chunks == 1:
         kern[grid](*args, dummy, dummy, *sizes, MODE=0, **flags)
     else:
