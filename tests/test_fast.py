@@ -167,6 +167,17 @@ FUSED_SCRIPT = textwrap.dedent("""
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(last, rl, atol=1e-5, rtol=1e-4)
         assert out.stride() == u.stride(), "the output keeps the input's (b, l, d) layout"
+    # n = 5: the seq kernel's state is a tuple of exactly n vectors (no power-of-two padding)
+    A5, B5, C5 = A[:, :5], B[:, :5], C[:, :5]
+    ref, rl = ssm.selective_scan_ref(u[..., :20], delta[..., :20], A5, B5[..., :20],
+                                     C5[..., :20], return_last_state=True, **{
+                                         k: (v[..., :20] if k == "z" else v) for k, v in kw.items()})
+    out, last = fast.selective_scan_triton(u[..., :20], delta[..., :20], A5, B5[..., :20],
+                                           C5[..., :20], return_last_state=True, chunk=8,
+                                           kernel="seq", **{k: (v[..., :20] if k == "z" else v)
+                                                            for k, v in kw.items()})
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(last, rl, atol=1e-5, rtol=1e-4)
     # the fused prefill and both decode variants against the plain PyTorch generator
     torch.manual_seed(0)
     m = MambaForCausalLM(MambaConfig(hidden_size=64, state_size=16, num_hidden_layers=2,
@@ -306,6 +317,23 @@ def test_bench_measures_the_fast_path_with_the_same_protocol():
     assert fast_r.model_class == "MambaFastGenerator(MambaForCausalLM)"
     assert slow_r.mamba_path in ("sequential fallback", "mambapy parallel scan")
     assert fast_r.decode_tokens_per_s > 0 and fast_r.new_tokens == 4
+
+
+def test_seq_chunks_fill_the_gpu_without_short_chunks(monkeypatch):
+    """96 warps of 32 channels per multiprocessor, no chunk under 32 steps, one on a CPU: the
+    counts tune_fast_mamba.py measured on an H100 (132 multiprocessors) at d = 5,120."""
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    gpu = torch.device("cuda")
+    assert fast.seq_chunks(1, 5120, 16384, gpu) == 80
+    assert fast.seq_chunks(1, 5120, 4096, gpu) == 80
+    assert fast.seq_chunks(1, 5120, 1024, gpu) == 32, "chunks of 32 steps at least"
+    assert fast.seq_chunks(8, 5120, 16384, gpu) == 10, "more rows need fewer chunks"
+    assert fast.seq_chunks(64, 5120, 16384, gpu) == 2
+    assert fast.seq_chunks(1, 5120, 40, gpu) == 1
+    assert fast.seq_chunks(1, 5120, 16384, torch.device("cpu")) == 1
 
 
 def test_grouped_b_and_c_go_to_the_reference():

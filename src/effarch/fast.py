@@ -224,13 +224,15 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 def seq_chunks(b: int, d: int, length: int, device: torch.device) -> int:
     """How many chunks the "seq" kernel cuts a sequence into: enough for about 96 warps of 32
     channels (one a thread) per multiprocessor, one and a half times what one can hold, so that
-    the last wave is short; none shorter than 64 steps (the chain costs a pass over the states per
-    chunk). Measured on an H100 at d = 5,120 (data/measurements/README.md): 16K steps in 80
-    chunks, 4K in 64, 1K in 16. One where there are warps enough, and on a CPU."""
+    the last wave is short; none shorter than 32 steps (the chain costs a pass over the states per
+    chunk). On an H100 at d = 5,120: 32 chunks at 1K steps, the fastest count measured there;
+    80 at 4K and at 16K, where every count from 16 to 128 ran within 10% of the fastest
+    (data/measurements/tune_fast_mamba_h100.txt). One where there are warps enough, and on a
+    CPU."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(_cdiv(96 * sms, b * _cdiv(d, 32)), length // 64))
+    return max(1, min(_cdiv(96 * sms, b * _cdiv(d, 32)), length // 32))
 
 
 def _cdiv(a: int, b: int) -> int:
