@@ -202,7 +202,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
              *B.stride(), *C.stride(), *zz.stride(), *out.stride()]
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
-                 BLOCK_N=n if kernel == "seq" else _next_pow2(n))
+                 BLOCK_N=n if seq else _next_pow2(n))
     grid = lambda meta: (b, _cdiv(d, meta["BLOCK_D"]), n_chunks)  # noqa: E731
     from effarch import _triton_scan as tk
 
@@ -226,9 +226,9 @@ def seq_chunks(b: int, d: int, length: int, device: torch.device) -> int:
     channels (one a thread) per multiprocessor, one and a half times what one can hold, so that
     the last wave is short; none shorter than 32 steps (the chain costs a pass over the states per
     chunk). On an H100 at d = 5,120: 32 chunks at 1K steps, the fastest count measured there;
-    80 at 4K and at 16K, where every count from 16 to 128 ran within 10% of the fastest
-    (data/measurements/tune_fast_mamba_h100.txt). One where there are warps enough, and on a
-    CPU."""
+    80 at 4K, where every count from 16 to 128 ran within 9% of the fastest; 80 at 16K, within
+    7% of the fastest (data/measurements/tune_fast_mamba_h100.txt). One where there are warps
+    enough, and on a CPU."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -678,9 +678,9 @@ class MambaFastGenerator:
         y = torch.empty_like(xs)
         bd, delta = 64, None
         grid = (b, -(-d // bd))
-        # the SSM step alone: with x_proj fused (small batches) it has few rows of work, and
-        # more, smaller programs hide its memory latency better (7.7 against 8.7 µs a layer at
-        # batch 1 on an H100, the kernel alone)
+        # the SSM step: with x_proj fused (small batches) it has few rows of work, and more,
+        # smaller programs hide its memory latency better (the kernel alone at batch 1 on an
+        # H100: 7.97 against 9.25 µs, data/measurements/tune_fast_mamba_h100.txt)
         ssm_bd, ssm_warps = (16, 1) if b <= self.fuse_xproj_max_batch else (64, 4)
         e = self.rank + 2 * self.n
         fuse = b <= self.fuse_xproj_max_batch
