@@ -319,6 +319,25 @@ def test_bench_measures_the_fast_path_with_the_same_protocol():
     assert fast_r.decode_tokens_per_s > 0 and fast_r.new_tokens == 4
 
 
+def test_chunk_reaches_the_forward_scans(monkeypatch):
+    """selective_scan(chunk=...) hands the chunk to the chunked scan (and the Triton forward),
+    not to the reference, and the result does not depend on it."""
+    t = _inputs()
+    ref = _call(fast.selective_scan, t, OPTIONS[2], backend="reference")
+    seen = []
+    real = fast.selective_scan_chunked
+
+    def spy(*args, chunk=128):
+        seen.append(chunk)
+        return real(*args, chunk=chunk)
+
+    monkeypatch.setattr(fast, "selective_scan_chunked", spy)
+    got = _call(fast.selective_scan, t, OPTIONS[2], backend="chunked", chunk=7)
+    assert seen == [7], "the chunk was not passed to the chunked scan"
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    _call(fast.selective_scan, t, OPTIONS[2], backend="reference", chunk=7)  # no chunk to take
+
+
 def test_seq_chunks_fill_the_gpu_without_short_chunks(monkeypatch):
     """96 warps of 32 channels per multiprocessor, no chunk under 32 steps, one on a CPU: the
     counts tune_fast_mamba.py measured on an H100 (132 multiprocessors) at d = 5,120."""

@@ -82,10 +82,12 @@ def choose_backend(u: torch.Tensor, needs_grad: bool = False) -> str:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, backend: str = "auto"):
+                   return_last_state=False, *, backend: str = "auto", chunk: int | None = None):
     """mamba-ssm's ``selective_scan_fn``: u, delta, z (b, d, l); A (d, n); B, C (b, n, l).
 
     Returns out (b, d, l) in u's dtype, and the last state (b, d, n) float32 if asked.
+    ``chunk``: steps per chunk of the forward-only scans (``triton`` without gradients,
+    ``chunked``); None keeps their defaults. The reference and the Triton backward have none.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}. "
@@ -102,7 +104,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                               delta_softplus, return_last_state)
     fn = {"triton": selective_scan_triton, "chunked": selective_scan_chunked,
           "reference": selective_scan_ref}[backend]
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    kw = {"chunk": chunk} if chunk is not None and backend != "reference" else {}
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, **kw)
 
 
 # --- the chunked PyTorch scan ----------------------------------------------------------------
@@ -517,6 +520,13 @@ class MambaFastGenerator:
         # chunks the fused prefill's scan cuts a prompt into (None: ``seq_chunks`` decides)
         self.prefill_chunks = prefill_chunks
         self._A = [-torch.exp(blk.mixer.A_log.float()) for blk in self.layers]
+        # the fused prefill's scan arguments, made once: A with (n, d) memory (what the "seq"
+        # kernel reads; selective_scan_triton would otherwise copy it every call), D and the
+        # dt bias in float32
+        self._A_seq = [a.t().contiguous().t() for a in self._A]
+        self._D = [blk.mixer.D.float() for blk in self.layers]
+        self._dt_bias = [blk.mixer.dt_proj.bias.float() if blk.mixer.dt_proj.bias is not None
+                         else None for blk in self.layers]
         self._batch = None
         self._graph = None
 
@@ -616,17 +626,12 @@ class MambaFastGenerator:
                 BLOCK_D=bd)
             dbc = mx.x_proj(u.view(rows, d)).view(b, length, r + 2 * n)     # (b, l, r + 2n)
             dt = torch.nn.functional.linear(dbc[..., :r], mx.dt_proj.weight)  # (b, l, d)
-            scan_args = (u.transpose(1, 2), dt.transpose(1, 2), self._A[i],
-                         dbc[..., r:r + n].transpose(1, 2), dbc[..., r + n:].transpose(1, 2))
-            scan_kw = dict(
-                D=mx.D.float(), z=xz[..., d:].transpose(1, 2),
-                delta_bias=mx.dt_proj.bias.float() if mx.dt_proj.bias is not None else None,
-                delta_softplus=True, return_last_state=True)
-            if self.prefill_chunks and _triton_runs(self.device):
-                out, last = selective_scan_triton(*scan_args, **scan_kw, kernel="seq",
-                                                  chunk=_cdiv(length, self.prefill_chunks))
-            else:
-                out, last = selective_scan(*scan_args, **scan_kw, backend=self.backend)
+            out, last = selective_scan(
+                u.transpose(1, 2), dt.transpose(1, 2), self._A_seq[i],
+                dbc[..., r:r + n].transpose(1, 2), dbc[..., r + n:].transpose(1, 2),
+                D=self._D[i], z=xz[..., d:].transpose(1, 2), delta_bias=self._dt_bias[i],
+                delta_softplus=True, return_last_state=True, backend=self.backend,
+                chunk=_cdiv(length, self.prefill_chunks) if self.prefill_chunks else None)
             self.conv[i].copy_(conv_tail(xs.transpose(1, 2), self.k))
             self.ssm[i].copy_(last)
             delta = mx.out_proj(out.transpose(1, 2).reshape(rows, d))      # (b·l, H)
@@ -681,9 +686,9 @@ class MambaFastGenerator:
         # the SSM step: with x_proj fused (small batches) it has few rows of work, and more,
         # smaller programs hide its memory latency better (the kernel alone at batch 1 on an
         # H100: 7.97 against 9.25 µs, data/measurements/tune_fast_mamba_h100.txt)
-        ssm_bd, ssm_warps = (16, 1) if b <= self.fuse_xproj_max_batch else (64, 4)
         e = self.rank + 2 * self.n
         fuse = b <= self.fuse_xproj_max_batch
+        ssm_bd, ssm_warps = (16, 1) if fuse else (64, 4)
         if fuse:
             parts = torch.empty(b, grid[1], e, device=self.device, dtype=torch.float32)
             dbc = torch.empty(b, e, device=self.device, dtype=self.dtype)
